@@ -1,0 +1,27 @@
+# The EMSEdit reproduction workflow. `snakemake` runs the default (CPU) grid of config/config.yaml;
+# `snakemake --configfile config/paper.yaml --profile profiles/slurm` submits the paper's grid.
+# Stages live in workflow/rules/, helpers in workflow/rules/common.smk.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/experiments.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

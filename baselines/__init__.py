@@ -1,0 +1,1 @@
+"""Baseline editors (MEND, MALMEN, RLEdit, UltraEdit), each a small choice of the shared machinery."""

@@ -1,0 +1,178 @@
+"""Command line: ``python -m emsedit <command>``; ``--help`` on each command explains every option.
+
+Commands: ``fetch`` (obtain a dataset's files), ``materialize`` (write the offline model),
+``tiny-model`` (a tiny random model for tests), ``order`` (a seeded edit order), ``evaluate`` (the
+unedited baseline) and ``run`` (meta-train, edit and evaluate one experiment cell). User mistakes
+exit with status 2 and a one-line cause on stderr; a result is written only when the command
+succeeds, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from emsedit.acquire import AcquireError
+from emsedit.config import ConfigError
+from emsedit.data import DataError
+from emsedit.models import ModelNotMaterializedError, ModuleResolutionError
+
+USER_ERRORS = (ConfigError, DataError, AcquireError, ModuleResolutionError, ModelNotMaterializedError,
+               KeyError, FileNotFoundError)
+
+
+def _key_values(items: Sequence[str], option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model config name in config/models (e.g. smollm2-135m) or a YAML path")
+    p.add_argument("--dataset", required=True, help="dataset config name in config/datasets (zsre, counterfact) or a YAML path")
+    p.add_argument("--seed", type=int, required=True, help="seed of the edit order (and of hypernetwork initialisation)")
+    p.add_argument("--out", required=True, help="where to write the JSON result record")
+    p.add_argument("--eval-file", help="edit/evaluate the requests of this file (any supported schema) instead of the configured eval split")
+    p.add_argument("--order", dest="order_file", help="read the edit order from this file (written by `order`) instead of drawing it from --seed")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--data-dir", default="resources/data", help="where dataset files are kept (default: resources/data)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="label stored in config.tags (repeatable)")
+    p.add_argument("--metric", action="append", default=[], metavar="SWITCH=BOOL",
+                   help="metric switch, e.g. cf_oldlabel_pad_zero=false (defaults reproduce the official code)")
+    p.add_argument("--old-label-pad", type=int, default=0, choices=(0, -100),
+                   help="pad value of CounterFact old_labels: 0 = official quirk (default), -100 = corrected")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m emsedit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="obtain a dataset's train and eval files (sha256-verified)")
+    p.add_argument("--dataset", required=True, help="dataset config name or YAML path")
+    p.add_argument("--mirror", help="mirror folder to copy from (default: $EMSEDIT_DATA_MIRROR)")
+    p.add_argument("--data-dir", default="resources/data", help="where files are kept (default: resources/data)")
+
+    p = sub.add_parser("materialize", help="write the offline model as fp32 safetensors (once)")
+    p.add_argument("--model", required=True, help="model config name or YAML path")
+    p.add_argument("--out", help="output folder (default: the config's name_or_path)")
+
+    p = sub.add_parser("tiny-model", help="write a tiny random model and its config YAML (tests, tiny workflow)")
+    p.add_argument("--out", required=True, help="output folder; DIR/model.yaml is its model config")
+    p.add_argument("--style", default="llama", choices=("llama", "gpt2"), help="architecture (default: llama)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+
+    p = sub.add_parser("order", help="write a seeded edit order shared by every cell of that seed")
+    p.add_argument("--dataset", required=True, help="dataset config name or YAML path")
+    p.add_argument("--n", type=int, required=True, help="number of edits in the order")
+    p.add_argument("--seed", type=int, required=True, help="seed of the permutation")
+    p.add_argument("--out", required=True, help="output JSON")
+    p.add_argument("--eval-file", help="draw from this file instead of the configured eval split")
+    p.add_argument("--data-dir", default="resources/data", help="where dataset files are kept")
+
+    p = sub.add_parser("evaluate", help="score the unedited model on the first N requests of a seeded order")
+    _add_common(p)
+    p.add_argument("--n", type=int, required=True, help="number of requests")
+    p.add_argument("--edits", type=int, help="requests per turn, to group mini-batches as the runs do (default: N)")
+
+    p = sub.add_parser("run", help="meta-train, edit and evaluate one experiment cell")
+    _add_common(p)
+    p.add_argument("--editor", required=True, help="editor name: emsedit, mend, malmen, rledit, ultraedit (or a YAML path)")
+    p.add_argument("--protocol", choices=("sequential", "batch"), default="sequential", help="sequential (turns × edits) or batch (one turn)")
+    p.add_argument("--turns", type=int, default=1, help="number of turns (1 for batch)")
+    p.add_argument("--edits", type=int, required=True, help="edits per turn (the batch size in batch editing)")
+    p.add_argument("--steps", type=int, help="S, MSBP steps per turn (default: the editor's; X² = 2)")
+    p.add_argument("--loss", choices=("l2", "kl"), help="locality loss (default: the editor's)")
+    p.add_argument("--hypernetworks", choices=("shared", "per_step"), help="one network for all steps or one per step (default: the editor's)")
+    p.add_argument("--train-turns", type=int, help="training turns of `edits` requests (default: the editor's rule)")
+    p.add_argument("--train-file", help="meta-train on this file instead of the configured train split")
+    p.add_argument("--pre", dest="pre_record", help="reuse metrics.pre from this `evaluate` record (same order and edits)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an editor hyperparameter or switch (repeatable; see config/editors)")
+    p.add_argument("--curve", action="store_true", help="also evaluate after every turn (slow)")
+    p.add_argument("--checkpoint-dir", help="save resumable state here; a rerun resumes from it")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default: 60; 0 = every turn)")
+    return parser
+
+
+def _cell_options(args: argparse.Namespace) -> Any:
+    from emsedit.protocols import CellOptions
+
+    quirks = _key_values(args.metric, "--metric")
+    return CellOptions(
+        model=args.model, dataset=args.dataset, seed=args.seed,
+        protocol=getattr(args, "protocol", "sequential"), turns=getattr(args, "turns", 1),
+        edits=args.edits or args.n if args.command == "evaluate" else args.edits,
+        train_turns=getattr(args, "train_turns", None), eval_file=args.eval_file,
+        train_file=getattr(args, "train_file", None), order_file=args.order_file,
+        pre_record=getattr(args, "pre_record", None), threads=args.threads,
+        curve=getattr(args, "curve", False), checkpoint_dir=getattr(args, "checkpoint_dir", None),
+        checkpoint_every_s=getattr(args, "checkpoint_every", 60.0), data_dir=args.data_dir,
+        tags=_key_values(args.tag, "--tag"), metric_quirks=quirks, old_label_pad=args.old_label_pad,
+    )
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from emsedit import protocols
+    from emsedit.records import write_record
+
+    if args.command == "fetch":
+        from emsedit.acquire import obtain_dataset
+
+        dataset = protocols.load_dataset_config(args.dataset)
+        for split in ("train", "eval"):
+            print(obtain_dataset(dataset, split, data_dir=args.data_dir, mirror=args.mirror))
+        return 0
+    if args.command == "materialize":
+        from emsedit.config import ModelConfig
+        from emsedit.models import materialize_model
+
+        cfg = ModelConfig.from_yaml(protocols.find_config("models", args.model))
+        print(materialize_model(cfg, args.out))
+        return 0
+    if args.command == "tiny-model":
+        from emsedit.tiny import save_tiny_model
+
+        print(save_tiny_model(args.out, style=args.style, seed=args.seed))
+        return 0
+    if args.command == "order":
+        protocols.write_order(args.dataset, args.n, args.seed, args.out, eval_file=args.eval_file,
+                              data_dir=args.data_dir)
+        return 0
+    if args.command == "evaluate":
+        if args.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {args.n}")
+        opts = _cell_options(args)
+        if args.n % opts.edits:
+            raise ConfigError(f"--n {args.n} is not a multiple of --edits {opts.edits}")
+        opts.turns = args.n // opts.edits
+        write_record(args.out, protocols.evaluate_cell(opts))
+        return 0
+    overrides: dict[str, Any] = _key_values(args.set, "--set")
+    for key in ("steps", "loss", "hypernetworks"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    hp = protocols.load_editor(args.editor, overrides)
+    write_record(args.out, protocols.run_cell(hp, _cell_options(args)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    try:
+        return _dispatch(args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"emsedit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,526 @@
+"""The editor base class: it owns every loop of meta-learning model editing (spec §5–§7).
+
+An editor turns the cached (key, value-gradient) rows of a turn of edit requests into weight shifts
+of the edited modules. The base class owns:
+
+* ``cache``    — forward/backward on the edit prompts at the current weights (spec §6.2);
+* ``predict``  — rows → hypernetwork → per-token value changes → ridge shift (spec §6.5);
+* ``apply``    — in-place add (or revert) of the shifts, with a finiteness guard;
+* ``edit_turn`` — the MSBP inner loop: S times cache → predict → apply, never reverted (spec §5.2);
+* ``meta_train`` — the training schedules: ``batch`` (MEND/MALMEN, EMSEdit batch: step-wise
+  updates), ``rollout`` (EMSEdit sequential) and ``rollout_backtrack`` (RLEdit), and the meta-update
+  through the analytic ridge gradient (spec §6.6);
+* the locality term of the meta-loss: KL on locality prompts or the l2 norm of the weight change.
+
+Subclasses are small: they choose hyperparameters, resolve protocol-dependent choices, and (MEND,
+UltraEdit) replace the shift rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from emsedit.data import LMBatch, Turn
+from emsedit.hparams import EditorHParams
+from emsedit.hypernet import HyperNet, step_ranks
+from emsedit.losses import answer_log_probs, cross_entropy, kl_locality, l2_weight_change_grad
+from emsedit.models import add_shift, answer_forward, grad_in_out, weight_shape
+from emsedit.shifts import ridge_metagrad, ridge_shift
+from emsedit.timing import PhaseTimer
+from emsedit.tracing import Tracer
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite losses, gradients or shifts."""
+
+
+@dataclass
+class StepCache:
+    """Keys and value-gradients of one MSBP step, per edited module (N × d_k and N × d_v)."""
+
+    keys: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    batch_rows: list[int] = field(default_factory=list)  # answer rows contributed by each LM mini-batch
+
+
+Shifts = dict[str, torch.Tensor]
+CheckpointHook = Callable[[str, int], None]
+
+
+class Editor:
+    """Base class of all editors; see the module docstring for what it owns."""
+
+    trains: bool = True  # False for training-free editors (UltraEdit)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: dict[str, nn.Module],
+        hp: EditorHParams,
+        *,
+        protocol: str,
+        seed: int,
+        timer: PhaseTimer | None = None,
+    ) -> None:
+        if protocol not in ("sequential", "batch"):
+            raise ValueError(f"unknown protocol {protocol!r}; expected sequential or batch")
+        self.model, self.modules, self.hp, self.protocol = model, modules, hp, protocol
+        self.timer = timer or PhaseTimer()
+        self.schedule = self.resolve_schedule()
+        self.sharing = self.resolve_sharing()
+        self.groups: dict[str, list[str]] = {}
+        for name, module in modules.items():
+            d_in, d_out = weight_shape(module)
+            self.groups.setdefault(f"{d_in}x{d_out}", []).append(name)
+        self.group_of = {n: g for g, names in self.groups.items() for n in names}
+        self.index_of = {n: i for names in self.groups.values() for i, n in enumerate(names)}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.nets: list[nn.ModuleDict] = self.build_nets()
+        self.params = self._unique_params()
+        self.opt = torch.optim.Adam(self.params, lr=hp.meta_lr) if self.params else None
+        self.originals = {n: m.weight.detach().clone() for n, m in modules.items()}
+        self.stats = {"optimizer_steps": 0, "skipped_nonfinite": 0, "train_turns": 0, "losses": []}
+        self.edit_stats = {"skipped_nonfinite": 0}
+        self._nonfinite_in_row = 0
+
+    # ------------------------------------------------------------------ choices a subclass may make
+    def resolve_schedule(self) -> str:
+        """The meta-training schedule; ``auto`` is resolved by subclasses that need it."""
+        if self.hp.schedule == "auto":
+            raise ValueError(f"editor {self.hp.name!r} does not resolve schedule=auto")
+        return self.hp.schedule
+
+    def resolve_sharing(self) -> str:
+        """Whether the S steps share one hypernetwork (``shared``) or have one each (``per_step``)."""
+        if self.hp.hypernetworks == "auto":
+            raise ValueError(f"editor {self.hp.name!r} does not resolve hypernetworks=auto")
+        return self.hp.hypernetworks
+
+    def build_nets(self) -> list[nn.ModuleDict]:
+        """One ModuleDict (shape group → HyperNet) per step; shared steps reuse the same object."""
+        ranks = step_ranks(self.hp.rank, self.hp.steps, self.hp.rank_decay)
+        nets: list[nn.ModuleDict] = []
+        for step in range(self.hp.steps):
+            if self.sharing == "shared" and nets:
+                nets.append(nets[0])
+                continue
+            rank = self.hp.rank if self.sharing == "shared" else ranks[step]
+            nets.append(nn.ModuleDict({
+                group: HyperNet(
+                    *map(int, group.split("x")), len(names), rank=rank, n_blocks=self.hp.n_blocks,
+                    init_lr=self.hp.lr, generator=self.generator,
+                )
+                for group, names in self.groups.items()
+            }))
+        return nets
+
+    def _unique_params(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for step_nets in self.nets:
+            for p in step_nets.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def distinct_nets(self) -> list[nn.ModuleDict]:
+        """The step networks without repeats (a shared network appears once)."""
+        out: list[nn.ModuleDict] = []
+        for nets in self.nets:
+            if all(nets is not seen for seen in out):
+                out.append(nets)
+        return out
+
+    # ------------------------------------------------------------------ caching
+    def cache(self, turn: Turn, step: int, *, update_norm: bool = True) -> StepCache:
+        """Forward/backward on the turn's edit prompts at the current weights (spec §6.2)."""
+        keys: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
+        grads: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
+        rows = []
+        for batch in turn.edit:
+            with Tracer(self.modules) as tracer:
+                logits, scored = answer_forward(self.model, batch)
+                loss = cross_entropy(logits, scored.labels)
+                mask = batch.labels != -100
+                k, g = tracer.keys_and_grads(loss, mask)
+            rows.append(int(mask.sum()))
+            for n in self.modules:
+                keys[n].append(k[n])
+                grads[n].append(g[n])
+        out = StepCache({n: torch.cat(v) for n, v in keys.items()},
+                        {n: torch.cat(v) for n, v in grads.items()}, rows)
+        if update_norm:
+            self.update_normalisers(step, out)
+        return out
+
+    def update_normalisers(self, step: int, cache: StepCache) -> None:
+        """Merge the step's rows into the normaliser of the network that step ``step`` uses."""
+        for name in self.modules:
+            net = self.nets[step][self.group_of[name]]
+            net.norm.update(torch.cat([cache.keys[name], cache.grads[name]], dim=-1))
+
+    # ------------------------------------------------------------------ shift rule (ridge by default)
+    def values(self, step: int, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Per-token value changes ``v_i = −lr·⟨k_i, k̃_i⟩·g̃_i`` (spec §6.5), in chunks."""
+        net: HyperNet = self.nets[step][self.group_of[name]]
+        idx = self.index_of[name]
+        out = []
+        for start in range(0, keys.shape[0], self.hp.chunk_size):
+            k = keys[start:start + self.hp.chunk_size]
+            g = grads[start:start + self.hp.chunk_size]
+            pk, pg = net(k, g, idx)
+            out.append(-net.module_lr(idx) * (k * pk).sum(-1, keepdim=True) * pg)
+        return torch.cat(out) if out else keys.new_zeros(0, grads.shape[1])
+
+    def predict(self, step: int, cache: StepCache) -> Shifts:
+        """Weight shifts (d_in × d_out) of every edited module for one step, without grad."""
+        shifts = {}
+        with torch.no_grad():
+            for name in self.modules:
+                net: HyperNet = self.nets[step][self.group_of[name]]
+                v = self.values(step, name, cache.keys[name], cache.grads[name])
+                lam = net.module_lamda(self.index_of[name])
+                shifts[name] = ridge_shift(cache.keys[name], v, lam, self.hp.solver)
+        return shifts
+
+    def accumulate_metagrad(self, step: int, cache: StepCache, shifts: Shifts, gammas: Shifts) -> None:
+        """Add the hypernetwork gradient of L given Γ = ∂L/∂ΔW per module (spec §6.6)."""
+        for name in self.modules:
+            net: HyperNet = self.nets[step][self.group_of[name]]
+            idx = self.index_of[name]
+            keys, grads = cache.keys[name], cache.grads[name]
+            lam = net.module_lamda(idx)
+            dv, dlam = ridge_metagrad(keys, shifts[name], gammas[name], lam.detach(), self.hp.solver)
+            for start in range(0, keys.shape[0], self.hp.chunk_size):
+                sl = slice(start, start + self.hp.chunk_size)
+                v = self.values(step, name, keys[sl], grads[sl])
+                (dv[sl] * v).sum().backward()
+            (dlam * lam).backward()
+
+    # ------------------------------------------------------------------ applying shifts
+    def apply(self, shifts: Shifts, sign: int = 1) -> None:
+        """Add (sign=+1) or subtract (sign=−1) the shifts in place."""
+        for name, delta in shifts.items():
+            add_shift(self.modules[name], delta, sign)
+
+    def _all_finite(self, tensors: Iterable[torch.Tensor]) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def _nonfinite(self, where: str, stats: dict) -> None:
+        stats["skipped_nonfinite"] += 1
+        self._nonfinite_in_row += 1
+        if self._nonfinite_in_row >= self.hp.max_nonfinite_in_row:
+            raise NonFiniteError(
+                f"{self._nonfinite_in_row} non-finite steps in a row ({where}); "
+                f"giving up (max_nonfinite_in_row={self.hp.max_nonfinite_in_row})"
+            )
+
+    # ------------------------------------------------------------------ editing (inference)
+    def edit_turn(self, turn: Turn) -> None:
+        """Apply one turn of edits: S times cache → predict → apply, never reverted (spec §5.2)."""
+        for step in range(self.hp.steps):
+            with self.timer.phase("edit_cache"):
+                cache = self.cache(turn, step, update_norm=self.hp.normalizer_update_at_eval)
+            with self.timer.phase("edit_predict_shift"):
+                shifts = self.predict(step, cache)
+            with self.timer.phase("edit_apply"):
+                if not self._all_finite(shifts.values()):
+                    self._nonfinite(f"edit step {step + 1}", self.edit_stats)
+                    continue
+                self._nonfinite_in_row = 0
+                self.apply(shifts)
+            self.zero_lm_grads()
+
+    # ------------------------------------------------------------------ losses
+    def zero_lm_grads(self) -> None:
+        for module in self.modules.values():
+            module.weight.grad = None
+
+    def _answer(self, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at answer positions onward, and the labels cut to match."""
+        logits, scored = answer_forward(self.model, batch)
+        return logits, scored.labels
+
+    def reference_log_probs(self, batches: Sequence[LMBatch]) -> list[torch.Tensor]:
+        """Answer-position log-probabilities at the current weights (the KL reference)."""
+        with torch.no_grad():
+            return [answer_log_probs(*self._answer(b)) for b in batches]
+
+    def edit_loss(self, weighted: Sequence[tuple[Turn, float]]) -> float:
+        """Σ over paraphrase mini-batches of CE (each a mean over its answer tokens), back-propagated."""
+        total = 0.0
+        for turn, weight in weighted:
+            for b in turn.equiv:
+                loss = weight * cross_entropy(*self._answer(b))
+                if not torch.isfinite(loss):
+                    return math.nan
+                loss.backward()
+                total += loss.item()
+        return total
+
+    def kl_loss(self, weighted: Sequence[tuple[Turn, float]], refs: Sequence[list[torch.Tensor]]) -> float:
+        """loc_coef · KL(reference ‖ edited) over locality mini-batches, back-propagated."""
+        total = 0.0
+        for (turn, weight), ref in zip(weighted, refs):
+            for b, r in zip(turn.unrel, ref):
+                loss = weight * self.hp.loc_coef * kl_locality(r, *self._answer(b))
+                if not torch.isfinite(loss):
+                    return math.nan
+                loss.backward()
+                total += loss.item()
+        return total
+
+    def add_l2_grad(self, eta: float) -> float:
+        """Add ∂/∂W of ``eta·Σ‖W − W_orig‖²_F`` to the weight grads; return the term's value."""
+        value = 0.0
+        for name, module in self.modules.items():
+            w = module.weight
+            extra = l2_weight_change_grad(w.detach(), self.originals[name], eta).to(w.dtype)
+            w.grad = extra if w.grad is None else w.grad + extra
+            value += eta * float((w.detach().double() - self.originals[name].double()).square().sum())
+        return value
+
+    def weight_grads(self) -> Shifts:
+        """Γ = ∂L/∂W of every edited module, in the (d_in, d_out) layout, float32."""
+        return {n: grad_in_out(m).float() for n, m in self.modules.items()}
+
+    # ------------------------------------------------------------------ the meta-update
+    def clip(self) -> None:
+        if self.params:
+            torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm)
+
+    def optimizer_step(self) -> None:
+        """One Adam step on the hypernetworks, unless their gradient is not finite."""
+        if self.opt is None:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        if not self._all_finite(grads):
+            self.opt.zero_grad(set_to_none=True)
+            self._nonfinite("hypernetwork gradient", self.stats)
+            return
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.stats["optimizer_steps"] += 1
+
+    # ------------------------------------------------------------------ one training step
+    def _train_step(
+        self,
+        turn: Turn,
+        step: int,
+        *,
+        loss_turns: Sequence[tuple[Turn, float]],
+        eta: float,
+    ) -> tuple[StepCache, Shifts] | None:
+        """Cache, predict and apply one step, then back-propagate the meta-loss into the weights.
+
+        Returns (cache, shifts) with the shift applied and Γ in the weights' ``.grad``, or None when
+        the step was not finite (nothing is then left applied).
+        """
+        with self.timer.phase("train_cache"):
+            cache = self.cache(turn, step)
+        with self.timer.phase("train_predict_shift"):
+            shifts = self.predict(step, cache)
+        if not self._all_finite(shifts.values()):
+            self._nonfinite(f"training shift, step {step + 1}", self.stats)
+            return None
+        refs = None
+        if self.hp.loss == "kl":
+            with self.timer.phase("train_locality_loss"):
+                refs = [self.reference_log_probs(t.unrel) for t, _ in loss_turns]
+        self.zero_lm_grads()
+        self.apply(shifts)
+        with self.timer.phase("train_edit_loss"):
+            edit = self.edit_loss(loss_turns)
+        with self.timer.phase("train_locality_loss"):
+            loc = self.kl_loss(loss_turns, refs) if refs is not None else self.add_l2_grad(eta)
+        if not (math.isfinite(edit) and math.isfinite(loc)):
+            self.apply(shifts, -1)
+            self.zero_lm_grads()
+            self._nonfinite(f"training loss, step {step + 1}", self.stats)
+            return None
+        self._nonfinite_in_row = 0
+        self.stats["losses"].append(round(edit + loc, 6))
+        return cache, shifts
+
+    def _update(self, steps: Sequence[tuple[int, StepCache, Shifts]], gammas: Shifts) -> None:
+        """Meta-gradient of each given step from the same Γ, clipping after each (spec §7.5.2)."""
+        with self.timer.phase("train_hypernet_update"):
+            for step, cache, shifts in steps:
+                self.accumulate_metagrad(step, cache, shifts, gammas)
+                self.clip()
+
+    # ------------------------------------------------------------------ schedules
+    def meta_train(self, turns: Sequence[Turn], *, on_turn_done: CheckpointHook | None = None,
+                   start: int = 0) -> None:
+        """Meta-train on the given training turns with this editor's schedule.
+
+        ``start`` skips the first ``start`` units of work (epoch × turns) when resuming from a
+        checkpoint; ``on_turn_done(phase, units_done)`` is called after each unit.
+        """
+        if not self.trains or self.schedule == "none":
+            return
+        schedule = {
+            "batch": self._train_batch,
+            "rollout": self._train_rollout,
+            "rollout_backtrack": self._train_backtrack,
+        }[self.schedule]
+        units = [(epoch, t) for epoch in range(self.hp.n_epochs) for t in range(len(turns))]
+        bar = tqdm(total=len(units), initial=start, desc=f"meta-train {self.hp.name}", unit="turn",
+                   leave=False, disable=None)
+        for unit, (epoch, t) in enumerate(units):
+            if unit < start:
+                continue
+            if t == 0 and epoch > 0:
+                self.restore_weights()  # each epoch's rollout starts from the original weights
+            schedule(turns, t, last=(t == len(turns) - 1))
+            self.stats["train_turns"] += 1
+            bar.update()
+            if on_turn_done is not None:
+                on_turn_done("train", unit + 1)
+        bar.close()
+        self.restore_weights()
+
+    def restore_weights(self) -> None:
+        """Put the original weights back (the official code reloads the model after training)."""
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                module.weight.copy_(self.originals[name])
+        self.zero_lm_grads()
+
+    def _train_batch(self, turns: Sequence[Turn], t: int, *, last: bool) -> None:
+        """MEND/MALMEN training, and EMSEdit's step-wise updating in batch mode (spec §7.2, §7.5.3).
+
+        Each step: cache → predict → apply → CE(paraphrases) + locality → revert → meta-gradient →
+        Adam step. With ``batch_train_revert: false`` step s trains from W + ΔW_{<s} instead.
+        """
+        turn = turns[t]
+        applied: list[Shifts] = []
+        for step in range(self.hp.steps):
+            out = self._train_step(turn, step, loss_turns=[(turn, 1.0)], eta=self.hp.eta)
+            if out is None:
+                continue
+            cache, shifts = out
+            gammas = self.weight_grads()
+            self.zero_lm_grads()
+            if self.hp.batch_train_revert:
+                self.apply(shifts, -1)
+            else:
+                applied.append(shifts)
+            self._update([(step, cache, shifts)], gammas)
+            self.optimizer_step()
+        for shifts in reversed(applied):
+            self.apply(shifts, -1)
+
+    def _rollout_eta(self) -> float:
+        return self.hp.eta * self.hp.eta if self.hp.eta_applied_twice else self.hp.eta
+
+    def _train_rollout(self, turns: Sequence[Turn], t: int, *, last: bool) -> None:
+        """EMSEdit sequential meta-training: one turn of a training rollout (spec §7.5.2).
+
+        S steps are applied and kept; one loss at the final weights — Σ CE(paraphrases) plus the
+        locality term (η·‖W − W_orig‖² over the whole rollout's drift, or KL against the weights at
+        the start of the turn) — and the same Γ reaches every step's network. The rollout's edits
+        accumulate; one Adam step at the end of the rollout (``optimizer_step: turn`` for one per turn).
+        """
+        turn = turns[t]
+        refs = None
+        if self.hp.loss == "kl":
+            with self.timer.phase("train_locality_loss"):
+                refs = [self.reference_log_probs(turn.unrel)]
+        done: list[tuple[int, StepCache, Shifts]] = []
+        for step in range(self.hp.steps):
+            with self.timer.phase("train_cache"):
+                cache = self.cache(turn, step)
+            with self.timer.phase("train_predict_shift"):
+                shifts = self.predict(step, cache)
+            if not self._all_finite(shifts.values()):
+                self._nonfinite(f"training shift, step {step + 1}", self.stats)
+                continue
+            self.apply(shifts)
+            done.append((step, cache, shifts))
+        self.zero_lm_grads()
+        if done:
+            with self.timer.phase("train_edit_loss"):
+                edit = self.edit_loss([(turn, 1.0)])
+            with self.timer.phase("train_locality_loss"):
+                loc = self.kl_loss([(turn, 1.0)], refs) if refs else self.add_l2_grad(self._rollout_eta())
+            if math.isfinite(edit) and math.isfinite(loc):
+                self._nonfinite_in_row = 0
+                self.stats["losses"].append(round(edit + loc, 6))
+                gammas = self.weight_grads()
+                self.zero_lm_grads()
+                self._update(done, gammas)
+            else:
+                self.zero_lm_grads()
+                self._nonfinite("training loss", self.stats)
+        if self.hp.optimizer_step == "turn" or last:
+            self.optimizer_step()
+
+    def _train_backtrack(self, turns: Sequence[Turn], t: int, *, last: bool) -> None:
+        """RLEdit meta-training: one turn of a rollout with memory backtracking (spec §7.3).
+
+        At each step the loss covers the paraphrases (and locality prompts) of this turn and of up to
+        ``back_depth − 1`` earlier turns, weighted by ``time_decay^j``; the LM gradient is reset at
+        each step, so every step's network receives the last step's Γ. The edit is kept.
+        """
+        depth = min(self.hp.back_depth, t + 1)
+        loss_turns = [(turns[t - j], self.hp.time_decay ** j) for j in range(depth)]
+        done: list[tuple[int, StepCache, Shifts]] = []
+        gammas: Shifts | None = None
+        for step in range(self.hp.steps):
+            out = self._train_step(turns[t], step, loss_turns=loss_turns, eta=self.hp.eta)
+            if out is None:
+                continue
+            done.append((step, *out))
+            gammas = self.weight_grads()
+            self.zero_lm_grads()
+        if gammas is not None:
+            self._update(done, gammas)
+        if self.hp.optimizer_step == "turn" or last:
+            self.optimizer_step()
+
+    # ------------------------------------------------------------------ state for checkpoints
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume: networks (with normalisers), Adam state, pending
+        hypernetwork gradients and the edited weights."""
+        out: dict[str, torch.Tensor] = {}
+        for s, nets in enumerate(self.distinct_nets()):
+            for k, v in nets.state_dict().items():
+                out[f"nets.{s}.{k}"] = v.detach().clone()
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                out[f"grad.{i}"] = p.grad.detach().clone()
+        if self.opt is not None:
+            for i, st in self.opt.state_dict()["state"].items():
+                for k, v in st.items():
+                    out[f"opt.{i}.{k}"] = torch.as_tensor(v).clone()
+        for name, module in self.modules.items():
+            out[f"weight.{name}"] = module.weight.detach().clone()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`."""
+        for s, nets in enumerate(self.distinct_nets()):
+            prefix = f"nets.{s}."
+            nets.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        for i, p in enumerate(self.params):
+            g = tensors.get(f"grad.{i}")
+            p.grad = None if g is None else g.clone()
+        if self.opt is not None:
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for k, v in tensors.items():
+                if k.startswith("opt."):
+                    _, i, key = k.split(".", 2)
+                    state.setdefault(int(i), {})[key] = v.clone()
+            sd = self.opt.state_dict()
+            sd["state"] = state
+            self.opt.load_state_dict(sd)
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                module.weight.copy_(tensors[f"weight.{name}"])

@@ -1,0 +1,416 @@
+"""Loading the edited causal LM, finding its edited modules, and reading/shifting their weights.
+
+Layout convention used by the whole suite (spec §3.1, §6.5): a weight is addressed as a
+``(d_in, d_out)`` matrix W such that the module computes ``y = x @ W (+ b)``. ``nn.Linear`` stores
+its weight as (out, in), so its (in, out) view is the transpose; GPT-2's ``Conv1D`` already stores
+(in, out). :func:`weight_in_out`, :func:`grad_in_out` and :func:`add_shift` hide the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from .config import REPO_ROOT, ModelConfig
+from .data import LMBatch
+
+__all__ = [
+    "ModuleResolutionError",
+    "ModelNotMaterializedError",
+    "TORCH_DTYPES",
+    "expand_pattern",
+    "resolve_name_or_path",
+    "load_model",
+    "materialize_model",
+    "resolve_modules",
+    "weight_shape",
+    "weight_in_out",
+    "grad_in_out",
+    "add_shift",
+    "snapshot_weights",
+    "restore_weights",
+    "main_materialize",
+]
+
+#: YAML dtype names → torch dtypes.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ModuleResolutionError(LookupError):
+    """An edit-module pattern names no module, names one twice, or names an unsupported module type."""
+
+
+class ModelNotMaterializedError(FileNotFoundError):
+    """A model config with ``materialize`` points at a directory that has not been built yet."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Module patterns
+# --------------------------------------------------------------------------------------------------
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
+
+
+def _expand_group(body: str, pattern: str) -> list[str]:
+    """Expand the inside of one ``{...}`` group: comma-separated items, each a word or ``a..b``."""
+    out: list[str] = []
+    for item in body.split(","):
+        item = item.strip()
+        if not item:
+            raise ModuleResolutionError(f"empty item in brace group {{{body}}} of pattern {pattern!r}")
+        m = _RANGE.match(item)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            step = 1 if hi >= lo else -1
+            out.extend(str(i) for i in range(lo, hi + step, step))
+        else:
+            out.append(item)
+    return out
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Expand brace groups in a module pattern into concrete names, in order.
+
+    ``"model.layers.{24..26}.mlp.down_proj"`` → layers 24, 25, 26; ``"h.{10,12}.x"`` → 10 then 12;
+    ``"{1..2}.{a,b}"`` → ``1.a, 1.b, 2.a, 2.b`` (leftmost group varies slowest). Ranges are
+    inclusive. A pattern without braces expands to itself.
+    """
+    pieces = _BRACE.split(pattern)  # literal, group, literal, group, ..., literal
+    literals, groups = pieces[0::2], pieces[1::2]
+    if any("{" in lit or "}" in lit for lit in literals):
+        raise ModuleResolutionError(f"unbalanced or nested braces in pattern {pattern!r}")
+    options = [_expand_group(g, pattern) for g in groups]
+    names = []
+    for combo in itertools.product(*options):
+        parts = [literals[0]]
+        for value, lit in zip(combo, literals[1:]):
+            parts += [value, lit]
+        names.append("".join(parts))
+    return names
+
+
+def resolve_modules(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
+    """Find the edited modules named by ``patterns``; return ``{name: module}`` in expansion order.
+
+    Every expanded name must exist (else :class:`ModuleResolutionError` listing close module names),
+    be unique across patterns, and be an ``nn.Linear`` or a transformers ``Conv1D``.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    all_modules = dict(model.named_modules())
+    resolved: dict[str, nn.Module] = {}
+    missing: list[str] = []
+    for pattern in patterns:
+        for name in expand_pattern(pattern):
+            if name in resolved:
+                raise ModuleResolutionError(f"module {name!r} is named twice (pattern {pattern!r})")
+            module = all_modules.get(name)
+            if module is None or name == "":
+                missing.append(name)
+                continue
+            if not isinstance(module, (nn.Linear, Conv1D)):
+                raise ModuleResolutionError(
+                    f"module {name!r} is a {type(module).__name__}; only nn.Linear and "
+                    "transformers Conv1D weights can be edited"
+                )
+            resolved[name] = module
+    if missing:
+        candidates = [n for n in all_modules if n]
+        lines = []
+        for name in missing:
+            near = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+            lines.append(f"  {name!r}: near matches: {', '.join(near) if near else 'none'}")
+        raise ModuleResolutionError(
+            f"{len(missing)} edit module name(s) not found in {type(model).__name__}:\n" + "\n".join(lines)
+        )
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight layout
+# --------------------------------------------------------------------------------------------------
+
+def _check_editable(module: nn.Module) -> None:
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """Return ``(d_in, d_out)`` of an edited module: the hypernetwork key and value dimensions."""
+    _check_editable(module)
+    if isinstance(module, nn.Linear):
+        return (module.in_features, module.out_features)
+    d_in, d_out = module.weight.shape  # Conv1D: (nx, nf) = (in, out)
+    return (int(d_in), int(d_out))
+
+
+def weight_in_out(module: nn.Module) -> torch.Tensor:
+    """Return the weight as a detached ``(d_in, d_out)`` view sharing the parameter's storage.
+
+    It is not tracked by autograd; writing into it changes the weight. Clone it to keep a copy.
+    """
+    _check_editable(module)
+    w = module.weight.detach()
+    return w.t() if isinstance(module, nn.Linear) else w
+
+
+def grad_in_out(module: nn.Module, *, if_none: Literal["error", "zeros"] = "error") -> torch.Tensor:
+    """Return ``module.weight.grad`` as a ``(d_in, d_out)`` view (dtype of the weight, e.g. bf16).
+
+    If no gradient has been accumulated (``.grad is None``): ``if_none="error"`` (default) raises
+    ``RuntimeError`` — usually a missing backward pass or ``requires_grad=False`` — and
+    ``if_none="zeros"`` returns a new zero tensor of the right shape, dtype and device.
+    """
+    _check_editable(module)
+    g = module.weight.grad
+    if g is None:
+        if if_none == "zeros":
+            return torch.zeros(weight_shape(module), dtype=module.weight.dtype, device=module.weight.device)
+        raise RuntimeError(
+            f"{type(module).__name__} weight has no .grad (was backward run, and does the weight "
+            "require grad?)"
+        )
+    return g.t() if isinstance(module, nn.Linear) else g
+
+
+@torch.no_grad()
+def add_shift(module: nn.Module, delta_in_out: torch.Tensor, sign: int = +1) -> torch.Tensor:
+    """Apply a parameter shift in place: ``W_(in,out) += sign * delta`` (spec §6.5).
+
+    ``delta_in_out`` is ``(d_in, d_out)``; for ``nn.Linear`` it is added transposed. The delta is
+    first cast to the weight's dtype and device and that cast value is what is added (the bf16
+    quirk, spec §11.8), so ``add_shift(m, d, -1)`` after ``add_shift(m, d)`` subtracts exactly the
+    value that was added (which restores W bit-for-bit only when the additions were exact).
+    Returns the cast delta that was applied, in (d_in, d_out) layout.
+    """
+    _check_editable(module)
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1, got {sign!r}")
+    expected = weight_shape(module)
+    if tuple(delta_in_out.shape) != expected:
+        raise ValueError(
+            f"shift has shape {tuple(delta_in_out.shape)}, expected (d_in, d_out) = {expected}"
+        )
+    weight = module.weight
+    cast = delta_in_out.detach().to(device=weight.device, dtype=weight.dtype)
+    target = weight.t() if isinstance(module, nn.Linear) else weight
+    target.add_(cast, alpha=sign)
+    return cast
+
+
+def snapshot_weights(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Copy the weights of ``modules`` (``{name: module}``) so they can be restored later."""
+    return {name: m.weight.detach().clone() for name, m in modules.items()}
+
+
+@torch.no_grad()
+def restore_weights(modules: Mapping[str, nn.Module], snapshot: Mapping[str, torch.Tensor]) -> None:
+    """Copy a :func:`snapshot_weights` result back into the modules' weights, bit-for-bit."""
+    if set(modules) != set(snapshot):
+        raise KeyError(
+            f"snapshot modules {sorted(snapshot)} do not match modules {sorted(modules)}"
+        )
+    for name, module in modules.items():
+        module.weight.copy_(snapshot[name])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and materialising
+# --------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def _base_dir() -> Path:
+    """The directory relative model paths that do not exist yet are placed under."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
+def resolve_name_or_path(model_cfg: ModelConfig) -> str:
+    """Return what ``from_pretrained`` should get: an absolute local directory, or a hub id.
+
+    An absolute path is used as is. A relative path is looked up in the working directory, then
+    the repository root. A value that exists nowhere is a hub id if it looks like one (``name`` or
+    ``org/name``) and the config has no ``materialize``; otherwise it is a local directory under the
+    repository root (the place :func:`materialize_model` writes to).
+    """
+    raw = os.path.expanduser(model_cfg.name_or_path)
+    path = Path(raw)
+    if path.is_absolute():
+        return str(path)
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / path).exists():
+            return str((base / path).resolve())
+    if model_cfg.materialize is None and _HUB_ID.match(raw) and not raw.startswith("."):
+        return raw
+    return str((_base_dir() / path).resolve())
+
+
+def load_model(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the model and tokenizer of ``model_cfg``, ready for editing; return ``(model, tokenizer)``.
+
+    The model is in the config's dtype, on ``device``, in eval mode, with every parameter frozen
+    except the ``.weight`` of each edited module (biases stay frozen). ``trust_remote_code`` is
+    off unless the config turns it on. A materialisable model that is not on disk yet raises
+    :class:`ModelNotMaterializedError` saying which command builds it.
+    """
+    target = resolve_name_or_path(model_cfg)
+    if model_cfg.materialize is not None and not (Path(target) / "config.json").is_file():
+        raise ModelNotMaterializedError(
+            f"model {model_cfg.name!r} is not materialised at {target}; build it once with "
+            f"`python -m emsedit materialize --model {model_cfg.name}`"
+        )
+    kwargs: dict[str, object] = {
+        "dtype": TORCH_DTYPES[model_cfg.dtype],
+        "trust_remote_code": model_cfg.trust_remote_code,
+    }
+    if model_cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=model_cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    for module in resolve_modules(model, model_cfg.edit_modules).values():
+        module.weight.requires_grad_(True)
+    return model, tokenizer
+
+
+def _package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it (its __init__ may need extras)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package {package!r} (the source of a materialised model) is not installed"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _make_readable(directory: Path) -> None:
+    """Give a freshly written directory normal permissions (mkdtemp makes it private, 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for child in directory.iterdir():
+        if child.is_file():
+            os.chmod(child, 0o666 & ~umask)
+
+
+def materialize_model(model_cfg: ModelConfig, out_dir: str | os.PathLike[str] | None = None,
+                      *, overwrite: bool = False) -> Path:
+    """Build a model config's local fp32 safetensors copy from its packaged GGUF; return the dir.
+
+    Reads ``<package dir>/<gguf_file>`` (``materialize`` in the config) with transformers' GGUF
+    loader, dequantised to float32, drops the GGUF quantisation markers so the copy loads as a
+    plain model, and writes model (safetensors), tokenizer and a ``materialized.json`` provenance
+    note into a temporary sibling directory that is then renamed to ``out_dir`` (default: the
+    config's resolved ``name_or_path``). An existing ``out_dir`` is an error unless ``overwrite``.
+    """
+    spec = model_cfg.materialize
+    if spec is None:
+        raise ValueError(f"model config {model_cfg.name!r} has no 'materialize' section")
+    out = Path(out_dir) if out_dir is not None else Path(resolve_name_or_path(model_cfg))
+    out = out.resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to rebuild it")
+    pkg_dir = _package_dir(spec.source)
+    gguf_path = pkg_dir / spec.gguf_file
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} not found in package {spec.source!r}")
+
+    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.dtype = torch.float32
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and tokenizer.model_max_length > max_pos:  # GGUF carries no tokenizer length limit
+        tokenizer.model_max_length = int(max_pos)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            pkg_version = importlib.metadata.version(spec.source.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            pkg_version = None
+        note = {
+            "source_package": spec.source,
+            "source_package_version": pkg_version,
+            "gguf_file": spec.gguf_file,
+            "gguf_bytes": gguf_path.stat().st_size,
+            "dtype": "float32",
+            "transformers": importlib.metadata.version("transformers"),
+        }
+        (tmp / "materialized.json").write_text(json.dumps(note, indent=2) + "\n")
+        _make_readable(tmp)
+        if out.exists():  # overwrite: move the old copy aside first, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main_materialize(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry for ``python -m emsedit materialize --model NAME [--out DIR] [--overwrite]``."""
+    from .config import find_model_config
+
+    parser = argparse.ArgumentParser(
+        prog="emsedit materialize", description="Build a model's local fp32 copy from its packaged GGUF."
+    )
+    parser.add_argument("--model", required=True, help="model config name (config/models) or YAML path")
+    parser.add_argument("--out", default=None, help="output directory (default: the config's name_or_path)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = parser.parse_args(argv)
+    cfg = ModelConfig.from_yaml(find_model_config(args.model))
+    print(materialize_model(cfg, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def answer_forward(model: nn.Module, batch: "LMBatch") -> tuple[torch.Tensor, "LMBatch"]:
+    """Run the model on a mini-batch, computing logits only from the first answer position on.
+
+    The output layer (vocabulary × hidden) is a large share of a small model's forward pass, and only
+    answer positions are ever scored or trained on. Returns the logits and the batch with ``labels``
+    and ``old_labels`` cut to the same positions, so position i of both still match.
+    """
+    from dataclasses import replace
+
+    scored = (batch.labels != -100).any(0).nonzero()
+    first = int(scored[0]) if len(scored) else batch.labels.shape[1] - 1
+    keep = batch.input_ids.shape[1] - first
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   logits_to_keep=keep).logits
+    old = None if batch.old_labels is None else batch.old_labels[:, first:]
+    return logits, replace(batch, labels=batch.labels[:, first:], old_labels=old)

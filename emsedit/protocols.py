@@ -1,0 +1,384 @@
+"""Experiment cells: seeded edit orders, the unedited baseline, and sequential / batch editing runs.
+
+A cell is one (editor, model, dataset, protocol, turns, edits, steps, loss, seed, …) combination;
+:func:`evaluate_cell` and :func:`run_cell` each return one result record (see
+``workflow/schemas/result.schema.yaml``). Sequential editing applies ``turns`` turns of ``edits``
+requests, S steps each, and evaluates once after the last turn over all edits (spec §5.2); batch
+editing is the same with one turn (spec §5.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from emsedit.acquire import obtain_dataset, sha256_of
+from emsedit.checkpoints import load_checkpoint, save_checkpoint
+from emsedit.config import ConfigError, ModelConfig, default_config_dir, find_model_config
+from emsedit.data import EditRequest, Turn, make_turn, read_requests
+from emsedit.editors import editor_class
+from emsedit.hparams import EditorHParams, load_editor_hparams
+from emsedit.metrics import MetricQuirks, evaluate_turns
+from emsedit.models import load_model, resolve_modules
+from emsedit.records import provenance
+from emsedit.timing import PhaseTimer
+
+FAULT_ENV = "EMSEDIT_FAULT_AFTER_CHECKPOINTS"  # test hook: exit abruptly after N checkpoint writes
+
+
+# ----------------------------------------------------------------------------- configuration
+def find_config(kind: str, name_or_path: str) -> Path:
+    """A config file by name (``config/<kind>/<name>.yaml``) or by path."""
+    if kind == "models":
+        return find_model_config(name_or_path)
+    raw = Path(name_or_path)
+    if raw.suffix in (".yaml", ".yml"):
+        if not raw.is_file():
+            raise ConfigError(f"{kind[:-1]} config file not found: {raw}")
+        return raw
+    folder = default_config_dir() / kind
+    path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"unknown {kind[:-1]} {name_or_path!r}; known: {names}")
+    return path
+
+
+def load_dataset_config(name_or_path: str) -> dict[str, Any]:
+    """A dataset config (``config/datasets/*.yaml``) as a dict, with its kind checked."""
+    path = find_config("datasets", name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if data.get("kind") not in ("zsre", "counterfact"):
+        raise ConfigError(f"{path}: kind must be zsre or counterfact, got {data.get('kind')!r}")
+    for split in ("train", "eval"):
+        if not isinstance(data.get(split), dict) or "file" not in data[split]:
+            raise ConfigError(f"{path}: missing {split}.file")
+    return data
+
+
+def load_editor(name_or_path: str, overrides: dict[str, Any]) -> EditorHParams:
+    """Editor hyperparameters from ``config/editors`` with command-line overrides applied."""
+    hp = load_editor_hparams(find_config("editors", name_or_path))
+    return hp.with_overrides(overrides, source=f"editor {hp.name} overrides") if overrides else hp
+
+
+# ----------------------------------------------------------------------------- data and orders
+@dataclass
+class DataPlan:
+    """The requests of a cell and the seeded orders in which they are used."""
+
+    kind: str
+    eval_requests: list[EditRequest]
+    train_requests: list[EditRequest]
+    edit_order: list[int]  # file indices
+    train_order: list[int]  # file indices
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def seeded_order(requests: Sequence[EditRequest], n: int, seed: int, stream: int, what: str) -> list[int]:
+    """The first ``n`` file indices of a seeded permutation of ``requests``."""
+    if n > len(requests):
+        raise ConfigError(f"{what}: {n} requests needed but the file has only {len(requests)} usable ones")
+    perm = np.random.default_rng([seed, stream]).permutation(len(requests))[:n]
+    return [requests[i].index for i in perm]
+
+
+def _data_file(dataset: dict[str, Any], split: str, override: str | None, data_dir: str) -> Path:
+    return Path(override) if override else obtain_dataset(dataset, split, data_dir=data_dir)
+
+
+def plan_data(
+    dataset: dict[str, Any],
+    *,
+    n_eval: int,
+    n_train: int,
+    seed: int,
+    eval_file: str | None = None,
+    train_file: str | None = None,
+    order_file: str | None = None,
+    data_dir: str = "resources/data",
+) -> DataPlan:
+    """Read the eval (and, when needed, train) requests and fix the seeded edit and train orders."""
+    kind = dataset["kind"]
+    target = dataset.get("zsre_target", "alt")
+    eval_path = _data_file(dataset, "eval", eval_file, data_dir)
+    eval_requests = read_requests(eval_path, kind, zsre_target=target)
+    files = {"eval": {"path": str(eval_path), "sha256": sha256_of(eval_path)}}
+    train_requests: list[EditRequest] = []
+    if n_train:
+        train_path = _data_file(dataset, "train", train_file, data_dir)
+        train_requests = read_requests(train_path, kind, zsre_target=target)
+        files["train"] = {"path": str(train_path), "sha256": sha256_of(train_path)}
+    if order_file:
+        order = json.loads(Path(order_file).read_text())
+        if order.get("eval_sha256") not in (None, files["eval"]["sha256"]):
+            raise ConfigError(f"{order_file}: written for another eval file (sha256 differs)")
+        if len(order["edit_order"]) < n_eval:
+            raise ConfigError(f"{order_file}: holds {len(order['edit_order'])} edits, {n_eval} needed")
+        edit_order = [int(i) for i in order["edit_order"][:n_eval]]
+    else:
+        edit_order = seeded_order(eval_requests, n_eval, seed, 0, f"eval file {eval_path}")
+    train_order = seeded_order(train_requests, n_train, seed, 1, "train file") if n_train else []
+    return DataPlan(kind, eval_requests, train_requests, edit_order, train_order, files)
+
+
+def pick(requests: Sequence[EditRequest], order: Sequence[int]) -> list[EditRequest]:
+    """Requests by file index, in the given order."""
+    by_index = {r.index: r for r in requests}
+    missing = [i for i in order if i not in by_index]
+    if missing:
+        raise ConfigError(f"edit order names records {missing[:5]} that the file does not have")
+    return [by_index[i] for i in order]
+
+
+def build_turns(requests: Sequence[EditRequest], tokenizer: Any, edits: int, *, split: str,
+                lm_batch_size: int, old_label_pad: int) -> list[Turn]:
+    """Cut requests into turns of ``edits`` and collate each (spec §4.3)."""
+    return [
+        make_turn(requests[i:i + edits], tokenizer, split=split, lm_batch_size=lm_batch_size,
+                  old_label_pad=old_label_pad)
+        for i in range(0, len(requests), edits)
+    ]
+
+
+def write_order(dataset_name: str, n: int, seed: int, out: str, *, eval_file: str | None = None,
+                train_n: int = 0, data_dir: str = "resources/data") -> dict[str, Any]:
+    """The seeded edit order of a dataset as a JSON file (every cell of a seed reads the same one)."""
+    from emsedit.records import write_json_atomic
+
+    dataset = load_dataset_config(dataset_name)
+    plan = plan_data(dataset, n_eval=n, n_train=train_n, seed=seed, eval_file=eval_file, data_dir=data_dir)
+    payload = {
+        "dataset": dataset["name"], "seed": seed, "n": n, "eval_file": plan.files["eval"]["path"],
+        "eval_sha256": plan.files["eval"]["sha256"], "edit_order": plan.edit_order,
+        "train_order": plan.train_order,
+    }
+    write_json_atomic(out, payload)
+    return payload
+
+
+# ----------------------------------------------------------------------------- cells
+@dataclass
+class CellOptions:
+    """Everything a run needs besides the editor's hyperparameters."""
+
+    model: str
+    dataset: str
+    seed: int
+    protocol: str = "sequential"
+    turns: int = 1
+    edits: int = 10
+    train_turns: int | None = None
+    eval_file: str | None = None
+    train_file: str | None = None
+    order_file: str | None = None
+    pre_record: str | None = None
+    threads: int | None = None
+    curve: bool = False
+    checkpoint_dir: str | None = None
+    checkpoint_every_s: float = 60.0
+    data_dir: str = "resources/data"
+    tags: dict[str, str] = field(default_factory=dict)
+    metric_quirks: dict[str, bool] = field(default_factory=dict)
+    old_label_pad: int = 0  # 0 = official quirk (spec §4.2); -100 = corrected
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("sequential", "batch"):
+            raise ConfigError(f"protocol must be sequential or batch, got {self.protocol!r}")
+        if self.protocol == "batch" and self.turns != 1:
+            raise ConfigError(f"batch editing has one turn; got turns={self.turns}")
+        for key in ("turns", "edits"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+
+def _setup(opts: CellOptions) -> tuple[ModelConfig, Any, Any, dict[str, torch.nn.Module], float]:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    model_cfg = ModelConfig.from_yaml(find_config("models", opts.model))
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_cfg)
+    modules = resolve_modules(model, list(model_cfg.edit_modules))
+    return model_cfg, model, tokenizer, modules, time.perf_counter() - start
+
+
+def _base_config(opts: CellOptions, model_cfg: ModelConfig, dataset: dict[str, Any], plan: DataPlan,
+                 quirks: MetricQuirks) -> dict[str, Any]:
+    return {
+        "model": model_cfg.to_dict(),
+        "dataset": {**dataset, "files": plan.files},
+        "protocol": opts.protocol,
+        "turns": opts.turns,
+        "edits": opts.edits,
+        "seed": opts.seed,
+        "threads": torch.get_num_threads(),
+        "metric_quirks": quirks.as_dict(),
+        "old_label_pad": opts.old_label_pad,
+        "tags": dict(opts.tags),
+    }
+
+
+def evaluate_cell(opts: CellOptions) -> dict[str, Any]:
+    """Score the unedited model on the first turns × edits requests of the seeded order."""
+    timer = PhaseTimer()
+    dataset = load_dataset_config(opts.dataset)
+    quirks = MetricQuirks.from_mapping(opts.metric_quirks)
+    plan = plan_data(dataset, n_eval=opts.turns * opts.edits, n_train=0, seed=opts.seed,
+                     eval_file=opts.eval_file, order_file=opts.order_file, data_dir=opts.data_dir)
+    model_cfg, model, tokenizer, _modules, load_s = _setup(opts)
+    timer.add("load_model", load_s)
+    turns = build_turns(pick(plan.eval_requests, plan.edit_order), tokenizer, opts.edits, split="eval",
+                        lm_batch_size=4, old_label_pad=opts.old_label_pad)
+    with timer.phase("evaluate_pre"):
+        pre = evaluate_turns(model, turns, plan.kind, quirks)
+    return {
+        "schema_version": 1,
+        "kind": "evaluate",
+        "config": _base_config(opts, model_cfg, dataset, plan, quirks),
+        "edit_order": plan.edit_order,
+        "metrics": {"pre": pre},
+        "timings": timer.as_dict(),
+        **provenance(),
+    }
+
+
+def resolve_train_turns(editor_schedule: str, hp: EditorHParams, opts: CellOptions) -> int:
+    """How many training turns of ``edits`` requests meta-training uses (0 for training-free)."""
+    if editor_schedule == "none":
+        return 0
+    if opts.train_turns is not None:
+        return opts.train_turns
+    return hp.max_steps if editor_schedule == "batch" else opts.turns
+
+
+def _checkpoint_folder(opts: CellOptions, config: dict[str, Any]) -> Path | None:
+    if not opts.checkpoint_dir:
+        return None
+    key = json.dumps({k: v for k, v in config.items() if k != "threads"}, sort_keys=True, default=str)
+    return Path(opts.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class _Checkpointer:
+    """Saves the editor's state after units of work, at most every ``every_s`` seconds."""
+
+    def __init__(self, folder: Path | None, editor: Any, timer: PhaseTimer, every_s: float) -> None:
+        self.folder, self.editor, self.timer, self.every_s = folder, editor, timer, every_s
+        self.last = time.perf_counter()
+        self.writes = 0
+
+    def __call__(self, phase: str, units: int, *, force: bool = False) -> None:
+        if self.folder is None:
+            return
+        if not force and time.perf_counter() - self.last < self.every_s:
+            return
+        meta = {"phase": phase, "units": units, "stats": self.editor.stats,
+                "edit_stats": self.editor.edit_stats, "timings": dict(self.timer.seconds)}
+        save_checkpoint(self.folder, self.editor.state_tensors(), meta)
+        self.last = time.perf_counter()
+        self.writes += 1
+        fault = os.environ.get(FAULT_ENV)
+        if fault and self.writes >= int(fault):
+            os._exit(75)  # simulate a kill right after a checkpoint (used by the resume test)
+
+
+def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
+    """Meta-train, edit and evaluate one cell; return its result record."""
+    timer = PhaseTimer()
+    dataset = load_dataset_config(opts.dataset)
+    quirks = MetricQuirks.from_mapping(opts.metric_quirks)
+    cls = editor_class(hp.name)
+    model_cfg, model, tokenizer, modules, load_s = _setup(opts)
+    timer.add("load_model", load_s)
+    editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
+    train_turns = resolve_train_turns(editor.schedule, hp, opts)
+    plan = plan_data(dataset, n_eval=opts.turns * opts.edits, n_train=train_turns * opts.edits,
+                     seed=opts.seed, eval_file=opts.eval_file, train_file=opts.train_file,
+                     order_file=opts.order_file, data_dir=opts.data_dir)
+    collate = {"lm_batch_size": hp.lm_batch_size, "old_label_pad": opts.old_label_pad}
+    eval_turns = build_turns(pick(plan.eval_requests, plan.edit_order), tokenizer, opts.edits,
+                             split="eval", **collate)
+    train = build_turns(pick(plan.train_requests, plan.train_order), tokenizer, opts.edits,
+                        split="train", **collate) if train_turns else []
+
+    config = _base_config(opts, model_cfg, dataset, plan, quirks)
+    config.update({
+        "editor": {**dataclasses.asdict(hp), "schedule": editor.schedule, "hypernetworks": editor.sharing},
+        "steps": hp.steps, "loss": hp.loss, "hypernetworks": editor.sharing,
+        "train_turns": train_turns,
+    })
+
+    pre = _pre_metrics(opts, plan, model, eval_turns, quirks, timer)
+
+    folder = _checkpoint_folder(opts, config)
+    save = _Checkpointer(folder, editor, timer, opts.checkpoint_every_s)
+    phase, units = "train", 0
+    restored = load_checkpoint(folder) if folder else None
+    if restored is not None:
+        tensors, meta = restored
+        editor.load_state_tensors(tensors)
+        editor.stats, editor.edit_stats = meta["stats"], meta["edit_stats"]
+        phase, units = meta["phase"], meta["units"]
+        for k, v in meta["timings"].items():
+            timer.add(k, v)
+
+    with timer.phase("train_total"):
+        if phase == "train":
+            editor.meta_train(train, on_turn_done=save, start=units)
+            phase, units = "edit", 0
+            save("edit", 0, force=True)
+    curve = []
+    with timer.phase("edit_total"):
+        for t, turn in enumerate(eval_turns):
+            if t < units:
+                continue
+            editor.edit_turn(turn)
+            if opts.curve:
+                with timer.phase("evaluate_curve"):
+                    curve.append({"turn": t + 1, **evaluate_turns(model, eval_turns[:t + 1], plan.kind,
+                                                                  quirks, progress=False)})
+            save("edit", t + 1)
+    with timer.phase("evaluate_post"):
+        post = evaluate_turns(model, eval_turns, plan.kind, quirks)
+
+    metrics: dict[str, Any] = {"pre": pre, "post": post}
+    if opts.curve:
+        metrics["curve"] = curve
+    return {
+        "schema_version": 1,
+        "kind": "run",
+        "config": config,
+        "edit_order": plan.edit_order,
+        "train_order": plan.train_order,
+        "metrics": metrics,
+        "training": {**editor.stats, "editing_skipped_nonfinite": editor.edit_stats["skipped_nonfinite"]},
+        "timings": timer.as_dict(),
+        **provenance(),
+    }
+
+
+def _pre_metrics(opts: CellOptions, plan: DataPlan, model: Any, eval_turns: list[Turn],
+                 quirks: MetricQuirks, timer: PhaseTimer) -> dict[str, Any]:
+    """The unedited model's scores: reused from an ``evaluate`` record when given, else computed."""
+    if opts.pre_record:
+        record = json.loads(Path(opts.pre_record).read_text())
+        if record.get("edit_order") != plan.edit_order:
+            raise ConfigError(f"{opts.pre_record}: its edit order differs from this run's")
+        if record["config"].get("edits") != opts.edits:
+            raise ConfigError(f"{opts.pre_record}: evaluated with {record['config'].get('edits')} edits "
+                              f"per turn, this run uses {opts.edits}")
+        if record["config"].get("metric_quirks") != quirks.as_dict():
+            raise ConfigError(f"{opts.pre_record}: evaluated with other metric switches")
+        return record["metrics"]["pre"]
+    with timer.phase("evaluate_pre"):
+        return evaluate_turns(model, eval_turns, plan.kind, quirks)

@@ -1,0 +1,87 @@
+"""Result records: provenance (versions, commit, memory), schema check and atomic writing."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emsedit.config import REPO_ROOT
+
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "result.schema.yaml"
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that change numbers."""
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "numpy", "emsedit-repro"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def git_commit() -> str | None:
+    """The project's git commit (with ``-dirty`` when the tree has changes), or None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def provenance() -> dict[str, Any]:
+    """The fields every record carries besides its content."""
+    return {
+        "peak_rss_mb": peak_rss_mb(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def validate_record(record: dict[str, Any]) -> None:
+    """Check a record against ``workflow/schemas/result.schema.yaml`` (jsonschema)."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    jsonschema.validate(record, schema)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=1, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Validate and atomically write one result record."""
+    validate_record(record)
+    write_json_atomic(path, record)

@@ -1,0 +1,310 @@
+# Helpers shared by every stage: config validation, the experiment grid, wildcard constraints and
+# the small named functions the rules call instead of lambdas.
+
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+SCRIPTS_DIR = Path(workflow.basedir) / "workflow" / "scripts"
+sys.path.insert(0, str(SCRIPTS_DIR))
+import grid  # noqa: E402  (workflow/scripts/grid.py: expands the compact grids into cells)
+
+CONFIG_SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def config_error_message(cfg):
+    """The first schema violation of a config, phrased as 'config key a.b[0].c: what is wrong'."""
+    import jsonschema
+
+    with open(CONFIG_SCHEMA) as fh:
+        schema = yaml.safe_load(fh)
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(cfg)
+    )
+    if error is None:
+        return None
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    return f"invalid config key {key.lstrip('.') or '(top level)'}: {error.message}"
+
+
+def validate_config():
+    """Validate `config` against the schema (filling in defaults); the error names the key."""
+    message = config_error_message(config)
+    if message:
+        raise WorkflowError(message)
+    validate(config, schema=str(CONFIG_SCHEMA))
+
+
+validate_config()
+
+# The interpreter that runs the library CLI. Its folder goes first on PATH so that the notebook
+# runner (papermill / jupyter) and `python` in shell commands come from the same environment.
+PYTHON = config["python"] or sys.executable
+os.environ["PATH"] = os.path.dirname(PYTHON) + os.pathsep + os.environ.get("PATH", "")
+CONFIG_DIR = Path(config["config_dir"])
+
+
+def _named_config(kind, name):
+    return CONFIG_DIR / kind / f"{name}.yaml"
+
+
+def check_names():
+    """Reject a model or dataset name that has no config file, naming the config key it came from."""
+    tiny = set(config["tiny_models"])
+
+    def check(kind, names, key):
+        for name in names:
+            if kind == "models" and name in tiny:
+                continue
+            if kind == "models" and name in config["model_by_protocol"]:
+                check(kind, config["model_by_protocol"][name].values(), f"model_by_protocol.{name}")
+                continue
+            path = _named_config(kind, name)
+            if not path.is_file():
+                known = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+                if kind == "models":
+                    known += sorted(tiny)
+                raise WorkflowError(
+                    f"invalid config key {key}: unknown {kind[:-1]} {name!r} "
+                    f"(no {path}; known: {', '.join(known) or 'none'})"
+                )
+
+    check("models", config["models"], "models")
+    check("datasets", config["datasets"], "datasets")
+    for study, spec in config["studies"].items():
+        check("models", spec.get("models", []), f"studies.{study}.models")
+        check("datasets", spec.get("datasets", []), f"studies.{study}.datasets")
+        for i, entry in enumerate(spec["grids"]):
+            for kind, key in (("models", "model"), ("datasets", "dataset")):
+                if key in entry:
+                    names = entry[key] if isinstance(entry[key], list) else [entry[key]]
+                    check(kind, names, f"studies.{study}.grids[{i}].{key}")
+
+
+check_names()
+
+try:
+    ROWS = grid.expand(config)
+except grid.GridError as err:
+    raise WorkflowError(f"invalid config: {err}")
+CELLS = grid.unique_cells(ROWS)
+CELL_BY_PATH = {cell.path: cell for cell in CELLS}
+STUDIES = set(config["studies"])
+
+
+def _alternatives(names):
+    """A regex matching exactly the given names (or nothing when there are none)."""
+    names = sorted(set(names))
+    return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
+
+
+TINY_MODELS_RE = _alternatives(config["tiny_models"])
+CONFIG_MODELS_RE = _alternatives(
+    {c.model for c in CELLS} - set(config["tiny_models"])
+) if CELLS else "(?!x)x"
+
+# table name -> the study it is computed from
+TABLES = {
+    "main": "main",
+    "msbp": "main",
+    "steps": "steps",
+    "loss": "loss",
+    "time_breakdown": "loss",
+    "hypernetworks": "hypernetworks",
+    "data_efficiency": "data_efficiency",
+    "scaling": "scaling",
+}
+# figure name -> the tables its notebook reads
+FIGURES = {
+    "main": ["main"],
+    "msbp": ["msbp"],
+    "steps": ["steps"],
+    "loss": ["loss", "time_breakdown"],
+    "hypernetworks": ["hypernetworks"],
+    "data_efficiency": ["data_efficiency"],
+    "scaling": ["scaling"],
+}
+TABLE_FORMATS = ["csv", "md", "tex"]
+REFERENCE_FILES = sorted(str(p) for p in Path("resources/reference").glob("paper_*.csv"))
+FIGURE_FORMATS = ["png", "pdf"]
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    protocol="|".join(grid.PROTOCOLS),
+    editor="|".join(grid.EDITORS),
+    loss="|".join(grid.LOSSES),
+    hypernetworks="|".join(grid.HYPERNETWORKS),
+    variant=_alternatives(config["variants"]),
+    steps=r"\d+",
+    turns=r"\d+",
+    edits=r"\d+",
+    train_turns=r"\d+|default",
+    seed=r"\d+",
+    n=r"\d+",
+    table=_alternatives(TABLES),
+
+
+# --- names and paths --------------------------------------------------------------------------
+
+
+def model_yaml(model):
+    """The model config the CLI is given: a tiny model's own model.yaml, else <config_dir>/models/M.yaml."""
+    if model in config["tiny_models"]:
+        return f"resources/models/{model}/model.yaml"
+    return str(_named_config("models", model))
+
+
+def dataset_yaml(dataset):
+    return str(_named_config("datasets", dataset))
+
+
+def model_arg(wildcards):
+    return model_yaml(wildcards.model)
+
+
+def dataset_arg(wildcards):
+    return dataset_yaml(wildcards.dataset)
+
+
+def tiny_model_style(wildcards):
+    return config["tiny_models"][wildcards.model]["style"]
+
+
+def dataset_files(wildcards):
+    """The dataset's train and eval files as fetch writes them (resources/data/<file>)."""
+    with open(dataset_yaml(wildcards.dataset)) as fh:
+        spec = yaml.safe_load(fh)
+    try:
+        return [f"resources/data/{spec[split]['file']}" for split in ("train", "eval")]
+    except (KeyError, TypeError) as err:
+        raise WorkflowError(f"{dataset_yaml(wildcards.dataset)}: needs train.file and eval.file ({err})")
+
+
+def mirror_option(wildcards):
+    """`--mirror DIR` from config data_mirror or env EMSEDIT_DATA_MIRROR; empty when neither is set."""
+    mirror = config["data_mirror"] or os.environ.get("EMSEDIT_DATA_MIRROR", "")
+    return f"--mirror {shlex.quote(mirror)}" if mirror else ""
+
+
+def manifest_path(dataset):
+    return f"results/data/{dataset}/manifest.sha256"
+
+
+def dataset_manifest(wildcards):
+    return manifest_path(wildcards.dataset)
+
+
+def model_dir(model):
+    return f"resources/models/{model}"
+
+
+def n_from_cell(wildcards):
+    return int(wildcards.turns) * int(wildcards.edits)
+
+
+def unedited_inputs(wildcards):
+    """Inputs of the unedited-model evaluation: the edit order, the model and the data."""
+    return {
+        "order": grid.ORDER_PATTERN.format(dataset=wildcards.dataset, n=wildcards.n, seed=wildcards.seed),
+        "model": model_dir(wildcards.model),
+        "data": manifest_path(wildcards.dataset),
+    }
+
+
+def run_inputs(wildcards):
+    """Inputs of one experiment cell: its edit order, the shared unedited scores, model and data."""
+    n = n_from_cell(wildcards)
+    return {
+        "order": grid.ORDER_PATTERN.format(dataset=wildcards.dataset, n=n, seed=wildcards.seed),
+        "pre": grid.PRE_PATTERN.format(dataset=wildcards.dataset, model=wildcards.model, n=n, seed=wildcards.seed),
+        "model": model_dir(wildcards.model),
+        "data": manifest_path(wildcards.dataset),
+    }
+
+
+def run_options(wildcards):
+    """Optional CLI flags of a cell: hypernetwork sharing, training amount, variant overrides, tags."""
+    opts = []
+    if wildcards.hypernetworks != "default":
+        opts += ["--hypernetworks", wildcards.hypernetworks]
+    if wildcards.train_turns != "default":
+        opts += ["--train-turns", wildcards.train_turns]
+    if wildcards.variant != grid.FAITHFUL:
+        for key, value in grid.variant_overrides(config, wildcards.variant, wildcards.editor).items():
+            opts += ["--set", f"{key}={value}"]
+    opts += ["--tag", f"variant={wildcards.variant}"]
+    return " ".join(shlex.quote(o) for o in opts)
+
+
+def checkpoint_dir(wildcards, output):
+    """A job-private folder for resumable meta-training state (kept when a job is interrupted)."""
+    return "results/checkpoints/" + output[0][len("results/runs/"):].removesuffix(".json")
+
+
+def rule_resources(rule):
+    """Resources of a rule from config `resources` (a profile's set-resources overrides them)."""
+    return dict(config["resources"].get(rule, {}))
+
+
+# --- what the grid asks for ---------------------------------------------------------------------
+
+
+def all_run_records():
+    return [cell.path for cell in CELLS]
+
+
+def membership_table():
+    """One row per (study, variant label, cell): the aggregation's map from records to tables."""
+    return grid.membership_records(ROWS)
+
+
+def enabled_tables():
+    return [t for t, study in TABLES.items() if study in STUDIES]
+
+
+def enabled_figures():
+    return [f for f, tables in FIGURES.items() if all(t in enabled_tables() for t in tables)]
+
+
+def table_outputs(name):
+    return [f"results/tables/{name}.{ext}" for ext in TABLE_FORMATS]
+
+
+def figure_inputs(name):
+    return [f"results/tables/{t}.csv" for t in FIGURES[name]]
+
+
+def table_description(wildcards):
+    return TABLE_DESCRIPTIONS[wildcards.table]
+
+
+TABLE_DESCRIPTIONS = {
+    "main": "Main results: efficacy, generalization, specificity and their average after editing (mean and 95% t-interval over seeds), beside the paper's.",
+    "msbp": "MSBP plugged into baselines: X-squared minus X per metric, paired over seeds, beside the paper's gains.",
+    "steps": "Number of backprop steps S = 1..4 for EMSEdit, sequential and batch.",
+    "loss": "MSBP+KL vs MSBP+Norm (EMSEdit with loss=kl vs loss=l2): quality and meta-training time.",
+    "time_breakdown": "Share of meta-training time per phase (the paper's pie), per loss and protocol.",
+    "hypernetworks": "Shared vs step-specific hypernetworks in sequential editing.",
+    "data_efficiency": "Quality vs amount of meta-training data (train turns).",
+    "scaling": "Time and peak memory vs edits per batch and vs number of turns.",
+}
+
+
+def final_outputs():
+    """Everything `rule all` builds: tables, figures and the claims report."""
+    outputs = []
+    for name in enabled_tables():
+        outputs += table_outputs(name)
+    for name in enabled_figures():
+        outputs += [f"results/figures/{name}.{ext}" for ext in FIGURE_FORMATS]
+    if CELLS:
+        outputs += ["results/claims.md", "results/claims.csv"]
+    return outputs

@@ -1,0 +1,48 @@
+# Stage 3: the unedited model's scores on each seeded edit order (computed once, shared by every
+# cell with that dataset, model, number of edits and seed), then one job per experiment cell.
+
+
+rule evaluate_unedited:
+    input:
+        unpack(unedited_inputs),
+    output:
+        "results/pre/{dataset}/{model}/n{n}_seed{seed}.json",
+    params:
+        model=model_arg,
+        dataset=dataset_arg,
+    log:
+        "logs/pre/{dataset}/{model}/n{n}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/pre/{dataset}/{model}/n{n}_seed{seed}.tsv"
+    threads: config["threads"]
+    resources:
+        **rule_resources("evaluate_unedited"),
+    shell:
+        "{PYTHON} -m emsedit evaluate --model {params.model} --dataset {params.dataset}"
+        " --n {wildcards.n} --seed {wildcards.seed} --order {input.order} --threads {threads}"
+        " --out {output} > {log} 2>&1"
+
+
+rule run_cell:
+    input:
+        unpack(run_inputs),
+    output:
+        "results/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json",
+    params:
+        model=model_arg,
+        dataset=dataset_arg,
+        options=run_options,
+        checkpoints=checkpoint_dir,
+    log:
+        "logs/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.tsv"
+    threads: config["threads"]
+    resources:
+        **rule_resources("run_cell"),
+    shell:
+        "{PYTHON} -m emsedit run --editor {wildcards.editor} --model {params.model}"
+        " --dataset {params.dataset} --protocol {wildcards.protocol} --turns {wildcards.turns}"
+        " --edits {wildcards.edits} --steps {wildcards.steps} --loss {wildcards.loss}"
+        " --seed {wildcards.seed} --order {input.order} --pre {input.pre} --threads {threads}"
+        " --checkpoint-dir {params.checkpoints} {params.options} --out {output} > {log} 2>&1"

@@ -1,0 +1,550 @@
+"""Aggregation, statistics, tables and claims for the EMSEdit workflow.
+
+Pure functions over pandas frames; the rule scripts (aggregate.py, make_table.py, claims.py) are
+thin wrappers, and the tests call these directly. Conventions:
+- `cells` is the long table the aggregate rule writes: one row per (study, variant label, cell),
+  with the cell's keys, its seed, and the record's metrics and timings flattened.
+- Our numbers are mean and 95% t-interval half-width over seeds; differences are paired by seed
+  (a seed fixes the edit order, so both methods saw the same edits).
+- The paper's numbers come from resources/reference/*.csv, mapped from our model and dataset names
+  through config `paper`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+METRICS = ["efficacy", "generalization", "specificity", "average"]
+QUALITY = ["efficacy", "generalization", "specificity"]
+PHASES = {
+    # our timing key -> the paper's pie slice (paper_time_breakdown.csv)
+    "train_cache": "Cache ∇W (forward/backward on edits, save keys/grads)",
+    "train_predict_shift": "Compute ΔW (hypernet + solve)",
+    "train_edit_loss": "Compute L_e and BP",
+    "train_locality_loss": "Compute L_loc (KL) and BP",
+    "train_hypernet_update": "Update f",
+}
+TIMING_KEYS = [
+    "load_model", "train_cache", "train_predict_shift", "train_edit_loss", "train_locality_loss",
+    "train_hypernet_update", "train_total", "edit_cache", "edit_predict_shift", "edit_apply",
+    "edit_total", "evaluate_pre", "evaluate_post", "total",
+]
+EDITOR_NAMES = {"emsedit": "EMSEdit", "mend": "MEND", "malmen": "MALMEN", "rledit": "RLEdit", "ultraedit": "UltraEdit"}
+DEFAULT_STEPS = {"emsedit": 2}
+DEFAULT_LOSS = {"emsedit": "l2"}
+SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+CELL_COLUMNS = ["dataset", "model", "protocol", "editor", "steps", "loss", "hypernetworks",
+                "turns", "edits", "train_turns", "variant"]
+
+
+# --- labels and the paper's names -----------------------------------------------------------------
+
+
+def editor_label(editor: str, steps: int, loss: str) -> str:
+    """The paper's name for an editor setting: RLEdit, RLEdit² (S = 2), EMSEdit (KL), ..."""
+    name = EDITOR_NAMES[editor]
+    default_steps = DEFAULT_STEPS.get(editor, 1)
+    if steps != default_steps:
+        name = name + str(steps).translate(SUPERSCRIPTS) if default_steps == 1 else f"{name} (S={steps})"
+    if editor == "emsedit" and loss != DEFAULT_LOSS["emsedit"]:
+        name += f" ({loss.upper()})"
+    return name
+
+
+def paper_model(model: str, paper: dict) -> str:
+    return (paper.get("models") or {}).get(model, paper.get("default_model", "LLaMA-3"))
+
+
+def paper_dataset(dataset: str, paper: dict) -> str | None:
+    return (paper.get("datasets") or {}).get(dataset)
+
+
+def load_reference(reference_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The paper's numbers: file stem (main, sweeps, ...) -> frame."""
+    return {p.stem.removeprefix("paper_"): pd.read_csv(p) for p in sorted(Path(reference_dir).glob("paper_*.csv"))}
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+
+
+class RecordError(ValueError):
+    """A result record that is malformed, non-finite, or not the cell its path names."""
+
+
+def _check_record(record: dict, cell: dict, path: str, validator) -> None:
+    errors = sorted(validator.iter_errors(record), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = "/".join(map(str, errors[0].absolute_path))
+        raise RecordError(f"{path}: does not match the result schema at {where or '(top)'}: {errors[0].message}")
+    if record["kind"] != "run" or "post" not in record["metrics"]:
+        raise RecordError(f"{path}: expected a 'run' record with metrics.post")
+    cfg = record["config"]
+    expected = {
+        "editor": (cfg.get("editor") or {}).get("name") if isinstance(cfg.get("editor"), dict) else cfg.get("editor"),
+        "protocol": cfg.get("protocol"), "steps": cfg.get("steps"), "loss": cfg.get("loss"), "seed": cfg.get("seed"),
+    }
+    for key, got in expected.items():
+        if got is not None and str(got) != str(cell[key]):
+            raise RecordError(f"{path}: record has {key}={got!r} but its path says {cell[key]!r} (stale file?)")
+    for phase in ("pre", "post"):
+        for metric in METRICS:
+            value = record["metrics"][phase][metric]
+            if not math.isfinite(value):
+                raise RecordError(f"{path}: metrics.{phase}.{metric} is not finite")
+
+
+def flatten_record(record: dict) -> dict:
+    """The numbers of one record as flat columns: pre_*/post_* metrics, t_* timings, memory, training."""
+    row = {}
+    for phase in ("pre", "post"):
+        for metric in METRICS:
+            row[f"{phase}_{metric}"] = float(record["metrics"][phase][metric])
+    timings = record.get("timings") or {}
+    for key in TIMING_KEYS:
+        row[f"t_{key}"] = float(timings[key]) if key in timings else np.nan
+    row["peak_rss_mb"] = float(record["peak_rss_mb"])
+    training = record.get("training") or {}
+    row["optimizer_steps"] = training.get("optimizer_steps", np.nan)
+    row["skipped_nonfinite"] = training.get("skipped_nonfinite", np.nan)
+    return row
+
+
+def aggregate(membership: Iterable[dict], schema: dict) -> pd.DataFrame:
+    """Read, validate and flatten every record named by the membership rows."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    cache: dict[str, dict] = {}
+    rows = []
+    for cell in membership:
+        path = cell["path"]
+        if path not in cache:
+            with open(path) as fh:
+                record = json.load(fh)
+            _check_record(record, cell, path, validator)
+            cache[path] = flatten_record(record)
+        rows.append({**cell, **cache[path]})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["label"] = [editor_label(e, int(s), l) for e, s, l in zip(frame.editor, frame.steps, frame.loss)]
+    return frame
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def t_halfwidth(values: Iterable[float], level: float = 0.95) -> float:
+    """Half-width of the two-sided t-interval of the mean (NaN with fewer than 2 values)."""
+    x = np.asarray([v for v in values if pd.notna(v)], dtype=float)
+    if len(x) < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def summarize(values: Iterable[float]) -> dict:
+    x = [float(v) for v in values if pd.notna(v)]
+    return {"n": len(x), "mean": float(np.mean(x)) if x else float("nan"), "ci95": t_halfwidth(x)}
+
+
+def one_sample_test(diffs: Iterable[float], alpha: float, margin: float = 0.0) -> dict:
+    """Two-sided one-sample t-test of mean(diffs) = margin, and the verdict on 'mean > margin'.
+
+    holds: significant and above; does not hold: significant and below; inconclusive: not
+    significant or fewer than 2 values. Zero spread with a non-zero mean counts as significant.
+    """
+    d = np.asarray([v for v in diffs if pd.notna(v)], dtype=float)
+    out = {"n": int(len(d)), "mean": float(d.mean()) if len(d) else float("nan"), "ci95": t_halfwidth(d), "p": float("nan")}
+    if len(d) < 2:
+        out["verdict"] = "inconclusive"
+        out["why"] = "fewer than 2 seeds"
+        return out
+    shifted = d - margin
+    if np.allclose(shifted, shifted[0]) and shifted.std(ddof=1) == 0:
+        out["p"] = 0.0 if shifted[0] != 0 else 1.0
+    else:
+        out["p"] = float(stats.ttest_1samp(shifted, 0.0).pvalue)
+    if out["p"] < alpha:
+        out["verdict"] = "holds" if shifted.mean() > 0 else "does not hold"
+    else:
+        out["verdict"] = "inconclusive"
+    out["why"] = f"p = {out['p']:.3g} {'<' if out['p'] < alpha else '>='} {alpha}"
+    return out
+
+
+def equivalence_test(diffs: Iterable[float], alpha: float, margin: float) -> dict:
+    """Two one-sided t-tests (TOST): 'holds' when |mean diff| < margin at level alpha;
+    'does not hold' when the diff is significantly outside the margin; else inconclusive."""
+    d = np.asarray([v for v in diffs if pd.notna(v)], dtype=float)
+    out = {"n": int(len(d)), "mean": float(d.mean()) if len(d) else float("nan"), "ci95": t_halfwidth(d), "p": float("nan")}
+    if len(d) < 2:
+        return {**out, "verdict": "inconclusive", "why": "fewer than 2 seeds"}
+    lower = one_sample_test(d, alpha, -margin)   # mean > -margin
+    upper = one_sample_test(-d, alpha, -margin)  # mean < +margin
+    out["p"] = max(lower["p"], upper["p"])
+    outside_hi = one_sample_test(d, alpha, margin)    # mean > +margin
+    outside_lo = one_sample_test(-d, alpha, margin)   # mean < -margin
+    if lower["verdict"] == "holds" and upper["verdict"] == "holds":
+        out["verdict"] = "holds"
+    elif outside_hi["verdict"] == "holds" or outside_lo["verdict"] == "holds":
+        out["verdict"] = "does not hold"
+    else:
+        out["verdict"] = "inconclusive"
+    out["why"] = f"TOST p = {out['p']:.3g}, margin ±{margin}"
+    return out
+
+
+def paired_diffs(a: pd.DataFrame, b: pd.DataFrame, column: str) -> pd.Series:
+    """Per-seed a[column] - b[column], on the seeds both have."""
+    joined = a.set_index("seed")[[column]].join(b.set_index("seed")[[column]], how="inner", lsuffix="_a", rsuffix="_b")
+    return joined[f"{column}_a"] - joined[f"{column}_b"]
+
+
+def combine(verdicts: Iterable[str]) -> str:
+    """A claim holds when every sub-test holds, does not hold when any does not; else inconclusive."""
+    v = list(verdicts)
+    if not v:
+        return "inconclusive"
+    if any(x == "does not hold" for x in v):
+        return "does not hold"
+    return "holds" if all(x == "holds" for x in v) else "inconclusive"
+
+
+# --- table helpers -------------------------------------------------------------------------------
+
+GROUP_KEYS = ["variant_label", "dataset", "model", "protocol", "editor", "label", "steps", "loss",
+              "hypernetworks", "turns", "edits", "train_turns"]
+
+
+def study(cells: pd.DataFrame, name: str) -> pd.DataFrame:
+    return cells[cells["study"] == name].copy()
+
+
+def summarize_groups(frame: pd.DataFrame, columns: list[str], keys: list[str] = GROUP_KEYS) -> pd.DataFrame:
+    """Mean, 95% CI half-width and n over seeds for each group of cells that differ only by seed."""
+    rows = []
+    for key, group in frame.groupby(keys, sort=False, dropna=False):
+        row = dict(zip(keys, key))
+        row["n_seeds"] = int(group["seed"].nunique())
+        for col in columns:
+            s = summarize(group[col])
+            row[f"{col}_mean"], row[f"{col}_ci95"] = s["mean"], s["ci95"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _paper_value(ref: pd.DataFrame, **where) -> float:
+    sel = ref
+    for key, value in where.items():
+        sel = sel[sel[key].astype(str) == str(value)]
+    return float(sel["value"].iloc[0]) if len(sel) else float("nan")
+
+
+def _setting(protocol: str, turns, edits) -> str:
+    return f"{int(edits)}" if protocol == "batch" else f"{int(turns)}×{int(edits)}"
+
+
+# --- the tables ----------------------------------------------------------------------------------
+
+
+def table_main(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    frame = study(cells, "main")
+    frame = frame.rename(columns={f"post_{m}": m for m in METRICS})
+    out = summarize_groups(frame, METRICS)
+    # the unedited model on the same edits, once per dataset/protocol/setting
+    pre = cells[cells["study"] == "main"].rename(columns={f"pre_{m}": m for m in METRICS})
+    pre = pre.drop_duplicates(["variant_label", "dataset", "model", "protocol", "turns", "edits", "seed"])
+    pre_rows = summarize_groups(pre.assign(editor="", label="Unedited", steps=0, loss="", hypernetworks="", train_turns=""),
+                                METRICS)
+    out = pd.concat([pre_rows, out], ignore_index=True)
+    main_ref = ref["main"]
+    for m in METRICS:
+        out[f"{m}_paper"] = [
+            _paper_value(main_ref, protocol=r.protocol, model=paper_model(r.model, paper),
+                         dataset=paper_dataset(r.dataset, paper), editor=r.label, metric=m)
+            for r in out.itertuples()
+        ]
+    out["setting"] = [_setting(r.protocol, r.turns, r.edits) for r in out.itertuples()]
+    out["paper_model"] = [paper_model(m, paper) for m in out["model"]]
+    order = {"sequential": 0, "batch": 1}
+    out = out.sort_values(["variant_label", "dataset", "protocol"], key=lambda s: s.map(order) if s.name == "protocol" else s, kind="stable")
+    keep = ["variant_label", "dataset", "model", "protocol", "setting", "label", "train_turns", "n_seeds"]
+    cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95", f"{m}_paper")]
+    return out[keep + cols + ["paper_model"]].reset_index(drop=True)
+
+
+def msbp_pairs(cells: pd.DataFrame) -> list[tuple[dict, pd.DataFrame, pd.DataFrame]]:
+    """(keys, X cells, X² cells) for every editor run with S = 1 and S = 2 in the main study."""
+    frame = study(cells, "main")
+    keys = ["variant_label", "dataset", "model", "protocol", "editor", "loss", "hypernetworks", "turns", "edits", "train_turns"]
+    pairs = []
+    for key, group in frame.groupby(keys, sort=False):
+        if DEFAULT_STEPS.get(key[4], 1) != 1:
+            continue
+        s1, s2 = group[group.steps == 1], group[group.steps == 2]
+        if len(s1) and len(s2):
+            pairs.append((dict(zip(keys, key)), s1, s2))
+    return pairs
+
+
+def table_msbp(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    rows = []
+    for keys, s1, s2 in msbp_pairs(cells):
+        base = editor_label(keys["editor"], 1, keys["loss"])
+        row = {k: keys[k] for k in ("variant_label", "dataset", "model", "protocol")}
+        row["setting"] = _setting(keys["protocol"], keys["turns"], keys["edits"])
+        row["pair"] = f"{base} → {base}²"
+        for m in METRICS:
+            d = paired_diffs(s2, s1, f"post_{m}")
+            s = summarize(d)
+            row["n_seeds"] = s["n"]
+            row[f"{m}_gain_mean"], row[f"{m}_gain_ci95"] = s["mean"], s["ci95"]
+            kw = dict(protocol=keys["protocol"], model=paper_model(keys["model"], paper),
+                      dataset=paper_dataset(keys["dataset"], paper), metric=m)
+            row[f"{m}_gain_paper"] = _paper_value(ref["main"], editor=base + "²", **kw) - _paper_value(ref["main"], editor=base, **kw)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _paper_steps(ref: dict, protocol: str, model: str, steps: int, metric: str) -> float:
+    config = "step=1" if protocol == "batch" else "step=1 | 100"
+    table = ref["steps_ablation"].rename(columns={"config": "cfg"})
+    if metric == "average":
+        vals = [_paper_value(table, protocol=protocol, model=model, cfg=config, steps=steps, metric=m) for m in QUALITY]
+        return float(np.mean(vals))
+    return _paper_value(table, protocol=protocol, model=model, cfg=config, steps=steps, metric=metric)
+
+
+def table_steps(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    frame = study(cells, "steps").rename(columns={f"post_{m}": m for m in METRICS})
+    out = summarize_groups(frame, METRICS)
+    for m in METRICS:
+        out[f"{m}_paper"] = [_paper_steps(ref, r.protocol, paper_model(r.model, paper), int(r.steps), m) for r in out.itertuples()]
+    out["setting"] = [_setting(r.protocol, r.turns, r.edits) for r in out.itertuples()]
+    keep = ["variant_label", "dataset", "model", "protocol", "setting", "label", "steps", "n_seeds"]
+    cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95", f"{m}_paper")]
+    return out.sort_values(["variant_label", "dataset", "protocol", "steps"], kind="stable")[keep + cols].reset_index(drop=True)
+
+
+def _paper_time_ratio(ref: dict, protocol: str, model: str) -> float:
+    """The paper's EMSEdit / (MSBP+KL twin) training time: MALMEN² (batch) or RLEdit² (sequential)."""
+    sweeps = ref["sweeps"]
+    metric = "train_seconds" if protocol == "batch" else "train_seconds_per_edit"
+    twin = "MALMEN²" if protocol == "batch" else "RLEdit²"
+    sel = sweeps[(sweeps.protocol == protocol) & (sweeps.model == model) & (sweeps.metric == metric)]
+    wide = sel.pivot_table(index=["dataset", "edits_per_turn", "turns"], columns="editor", values="value")
+    if "EMSEdit" not in wide or twin not in wide:
+        return float("nan")
+    return float((wide["EMSEdit"] / wide[twin]).mean())
+
+
+def loss_pairs(cells: pd.DataFrame):
+    """(keys, l2 cells, kl cells) for each EMSEdit setting run with both losses in the loss study."""
+    frame = study(cells, "loss")
+    keys = ["variant_label", "dataset", "model", "protocol", "editor", "steps", "hypernetworks", "turns", "edits", "train_turns"]
+    for key, group in frame.groupby(keys, sort=False):
+        l2, kl = group[group.loss == "l2"], group[group.loss == "kl"]
+        if len(l2) and len(kl):
+            yield dict(zip(keys, key)), l2, kl
+
+
+def table_loss(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    frame = study(cells, "loss").rename(columns={f"post_{m}": m for m in METRICS})
+    out = summarize_groups(frame, METRICS + ["t_train_total"])
+    ratios = {}
+    for keys, l2, kl in loss_pairs(cells):
+        r = l2.set_index("seed")["t_train_total"] / kl.set_index("seed")["t_train_total"]
+        ratios[(keys["variant_label"], keys["dataset"], keys["protocol"])] = summarize(r.dropna())
+    out["train_time_ratio_l2_over_kl_mean"] = [
+        ratios.get((r.variant_label, r.dataset, r.protocol), {}).get("mean", np.nan) if r.loss == "l2" else np.nan
+        for r in out.itertuples()]
+    out["train_time_ratio_l2_over_kl_ci95"] = [
+        ratios.get((r.variant_label, r.dataset, r.protocol), {}).get("ci95", np.nan) if r.loss == "l2" else np.nan
+        for r in out.itertuples()]
+    out["train_time_ratio_paper"] = [
+        _paper_time_ratio(ref, r.protocol, paper_model(r.model, paper)) if r.loss == "l2" else np.nan for r in out.itertuples()]
+    out["setting"] = [_setting(r.protocol, r.turns, r.edits) for r in out.itertuples()]
+    keep = ["variant_label", "dataset", "model", "protocol", "setting", "label", "loss", "n_seeds"]
+    cols = [c for m in METRICS + ["t_train_total"] for c in (f"{m}_mean", f"{m}_ci95")]
+    cols += ["train_time_ratio_l2_over_kl_mean", "train_time_ratio_l2_over_kl_ci95", "train_time_ratio_paper"]
+    return out[keep + cols].reset_index(drop=True)
+
+
+def table_time_breakdown(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    frame = study(cells, "loss").copy()
+    phase_cols = [f"t_{p}" for p in PHASES]
+    total = frame[phase_cols].sum(axis=1)
+    for p in PHASES:
+        frame[f"share_{p}"] = 100.0 * frame[f"t_{p}"] / total.replace(0, np.nan)
+    pie = ref["time_breakdown"]
+    rows = []
+    for key, group in frame.groupby(["variant_label", "dataset", "model", "protocol", "label", "loss"], sort=False):
+        for p, component in PHASES.items():
+            s = summarize(group[f"share_{p}"])
+            sel = pie[(pie.protocol == key[3]) & (pie.component == component)]
+            rows.append({
+                "variant_label": key[0], "dataset": key[1], "model": key[2], "protocol": key[3], "label": key[4],
+                "loss": key[5], "phase": p.removeprefix("train_"), "paper_component": component, "n_seeds": s["n"],
+                "share_mean": s["mean"], "share_ci95": s["ci95"], "seconds_mean": summarize(group[f"t_{p}"])["mean"],
+                # the paper's pie is for KL-trained editors (MALMEN batch, RLEdit sequential)
+                "share_paper": float(sel["percent_of_training_time"].iloc[0]) if (len(sel) and key[5] == "kl") else np.nan,
+            })
+    return pd.DataFrame(rows)
+
+
+def table_hypernetworks(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    frame = study(cells, "hypernetworks").rename(columns={f"post_{m}": m for m in METRICS})
+    out = summarize_groups(frame, METRICS)
+    for m in METRICS:
+        out[f"{m}_paper"] = np.nan  # spec §10.6: not found in the paper's sources
+    out["setting"] = [_setting(r.protocol, r.turns, r.edits) for r in out.itertuples()]
+    keep = ["variant_label", "dataset", "model", "protocol", "setting", "label", "hypernetworks", "n_seeds"]
+    cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95", f"{m}_paper")]
+    return out[keep + cols].reset_index(drop=True)
+
+
+def table_data_efficiency(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    frame = study(cells, "data_efficiency").rename(columns={f"post_{m}": m for m in METRICS})
+    out = summarize_groups(frame, METRICS)
+    out["source"] = "ours"
+    out["train_amount"] = pd.to_numeric(out["train_turns"], errors="coerce")
+    out["unit"] = ["train turns" if p == "sequential" else "train batches" for p in out["protocol"]]
+    rows = [out]
+    de = ref["data_efficiency"]
+    models = {paper_model(m, paper) for m in out["model"]}
+    for (protocol, model, editor, units, unit), g in de.groupby(["protocol", "model", "editor", "training_units", "unit"]):
+        if model not in models or protocol not in set(out["protocol"]):
+            continue
+        row = {"source": "paper", "variant_label": "paper", "dataset": g["dataset"].iloc[0], "model": model,
+               "protocol": protocol, "label": editor, "train_amount": units, "unit": unit, "n_seeds": 1}
+        vals = {m: float(g[g.metric == m]["value"].iloc[0]) for m in QUALITY if (g.metric == m).any()}
+        for m in QUALITY:
+            row[f"{m}_mean"] = vals.get(m, np.nan)
+        row["average_mean"] = float(np.mean([vals[m] for m in QUALITY])) if len(vals) == 3 else np.nan
+        rows.append(pd.DataFrame([row]))
+    out = pd.concat(rows, ignore_index=True)
+    keep = ["source", "variant_label", "dataset", "model", "protocol", "label", "train_amount", "unit", "n_seeds"]
+    cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95")]
+    return out.sort_values(["source", "variant_label", "protocol", "label", "train_amount"], kind="stable")[keep + cols].reset_index(drop=True)
+
+
+def table_scaling(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    frame = study(cells, "scaling").copy()
+    frame["eval_seconds"] = frame["t_edit_total"] + frame["t_evaluate_post"]
+    frame["axis"] = ["edits" if p == "batch" else "turns" for p in frame["protocol"]]
+    cols = ["t_train_total", "t_edit_total", "eval_seconds", "t_total", "peak_rss_mb"]
+    out = summarize_groups(frame, cols)
+    out = out.rename(columns={"t_train_total_mean": "train_seconds_mean", "t_train_total_ci95": "train_seconds_ci95",
+                              "t_edit_total_mean": "edit_seconds_mean", "t_edit_total_ci95": "edit_seconds_ci95",
+                              "t_total_mean": "total_seconds_mean", "t_total_ci95": "total_seconds_ci95",
+                              "peak_rss_mb_mean": "peak_memory_mean", "peak_rss_mb_ci95": "peak_memory_ci95"})
+    out["source"], out["memory_unit"] = "ours", "RSS MiB"
+    out["axis"] = ["edits" if p == "batch" else "turns" for p in out["protocol"]]
+    out["x"] = [int(r.edits) if r.protocol == "batch" else int(r.turns) for r in out.itertuples()]
+    out["n_edits"] = out["turns"].astype(int) * out["edits"].astype(int)
+    out["train_seconds_per_edit"] = out["train_seconds_mean"] / out["n_edits"]
+    parts = [out]
+    models = {paper_model(m, paper) for m in out["model"]}
+    datasets = {paper_dataset(d, paper) for d in out["dataset"]}
+    sweeps, memory = ref["sweeps"], ref["memory"]
+    sel = sweeps[sweeps.model.isin(models) & sweeps.dataset.isin(datasets)
+                 & sweeps.metric.isin(["train_seconds", "eval_seconds", "train_seconds_per_edit", "eval_seconds_per_edit"])]
+    wide = sel.pivot_table(index=["protocol", "model", "dataset", "editor", "edits_per_turn", "turns"], columns="metric",
+                           values="value").reset_index()
+    if len(wide):
+        n = wide["edits_per_turn"] * wide["turns"]
+        if "train_seconds" not in wide:
+            wide["train_seconds"] = np.nan
+        if "eval_seconds" not in wide:
+            wide["eval_seconds"] = np.nan
+        if "train_seconds_per_edit" in wide:
+            wide["train_seconds"] = wide["train_seconds"].fillna(wide["train_seconds_per_edit"] * n)
+            wide["train_seconds_per_edit"] = wide["train_seconds_per_edit"].fillna(wide["train_seconds"] / n)
+        else:
+            wide["train_seconds_per_edit"] = wide["train_seconds"] / n
+        if "eval_seconds_per_edit" in wide:
+            wide["eval_seconds"] = wide["eval_seconds"].fillna(wide["eval_seconds_per_edit"] * n)
+        mem = memory.rename(columns={"peak_gpu_memory_gb": "peak_memory_mean"})
+        wide = wide.merge(mem[["protocol", "model", "dataset", "editor", "edits_per_turn", "turns", "peak_memory_mean"]],
+                          how="left", on=["protocol", "model", "dataset", "editor", "edits_per_turn", "turns"])
+        parts.append(pd.DataFrame({
+            "source": "paper", "variant_label": "paper", "dataset": wide["dataset"], "model": wide["model"],
+            "protocol": wide["protocol"], "label": wide["editor"], "turns": wide["turns"], "edits": wide["edits_per_turn"],
+            "axis": ["edits" if p == "batch" else "turns" for p in wide["protocol"]],
+            "x": [int(e) if p == "batch" else int(t) for p, e, t in zip(wide["protocol"], wide["edits_per_turn"], wide["turns"])],
+            "n_seeds": 1, "train_seconds_mean": wide["train_seconds"], "eval_seconds_mean": wide["eval_seconds"],
+            "train_seconds_per_edit": wide["train_seconds_per_edit"], "peak_memory_mean": wide["peak_memory_mean"],
+            "memory_unit": "GPU GB",
+        }))
+    out = pd.concat(parts, ignore_index=True)
+    keep = ["source", "variant_label", "dataset", "model", "protocol", "label", "axis", "x", "turns", "edits", "n_seeds",
+            "train_seconds_mean", "train_seconds_ci95", "train_seconds_per_edit", "edit_seconds_mean", "eval_seconds_mean",
+            "eval_seconds_ci95", "total_seconds_mean", "peak_memory_mean", "peak_memory_ci95", "memory_unit"]
+    return out.sort_values(["source", "protocol", "dataset", "model", "label", "x"], kind="stable")[keep].reset_index(drop=True)
+
+
+TABLES = {
+    "main": table_main,
+    "msbp": table_msbp,
+    "steps": table_steps,
+    "loss": table_loss,
+    "time_breakdown": table_time_breakdown,
+    "hypernetworks": table_hypernetworks,
+    "data_efficiency": table_data_efficiency,
+    "scaling": table_scaling,
+}
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _fmt(x, digits=2) -> str:
+    return "" if pd.isna(x) else f"{x:.{digits}f}"
+
+
+def display_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """Human-readable columns: 'mean ± ci' for each *_mean/*_ci95 pair, other numbers rounded."""
+    out = pd.DataFrame(index=table.index)
+    for col in table.columns:
+        if col.endswith("_ci95"):
+            continue
+        if col.endswith("_mean"):
+            base = col[: -len("_mean")]
+            ci = table.get(f"{base}_ci95")
+            out[base] = [
+                (_fmt(m) + (f" ± {_fmt(c)}" if ci is not None and pd.notna(c) else "")) if pd.notna(m) else ""
+                for m, c in zip(table[col], ci if ci is not None else [np.nan] * len(table))
+            ]
+        elif pd.api.types.is_float_dtype(table[col]):
+            out[col] = [_fmt(v, 3 if "per_edit" in col or "ratio" in col else 2) for v in table[col]]
+        else:
+            out[col] = table[col].astype(str).replace({"nan": ""})
+    return out
+
+
+def _latex_unicode(text: str) -> str:
+    for a, b in {"²": r"\textsuperscript{2}", "³": r"\textsuperscript{3}", "⁴": r"\textsuperscript{4}",
+                 "±": r"$\pm$", "→": r"$\to$", "×": r"$\times$", "∇": r"$\nabla$", "Δ": r"$\Delta$"}.items():
+        text = text.replace(a, b)
+    return text
+
+
+def write_table(table: pd.DataFrame, csv: str, md: str, tex: str, title: str, note: str = "") -> None:
+    """One table as CSV (all numbers), Markdown and LaTeX (formatted 'mean ± 95% CI')."""
+    table.to_csv(csv, index=False)
+    shown = display_frame(table)
+    with open(md, "w") as fh:
+        fh.write(f"# {title}\n\n")
+        if note:
+            fh.write(note + "\n\n")
+        fh.write(shown.to_markdown(index=False) if len(shown) else "_no rows_")
+        fh.write("\n")
+    latex = shown.to_latex(index=False, escape=True, caption=title, longtable=False) if len(shown) else "% no rows\n"
+    with open(tex, "w") as fh:
+        fh.write(_latex_unicode(latex))

@@ -1,0 +1,207 @@
+"""The experiment grid: compact declarations in the config expanded into one row per cell.
+
+Used by `workflow/rules/common.smk` (to build the DAG), by the aggregation script (to know which
+study and variant each record belongs to) and by the tests (to write synthetic records at the
+paths the workflow expects). It imports nothing heavier than the standard library.
+
+A *cell* is one experiment = one job = one result record. Its key is the tuple of `CELL_KEYS`;
+its path under `results/runs/` encodes the whole key, so adding a seed, an editor or a variant
+only adds new paths and never touches finished ones.
+
+A *membership* row says "this cell appears in study X under variant label V". Several rows can
+point at one cell (the main table and the ablations share cells; a variant that changes nothing
+for an editor reuses the faithful cell), and each cell is computed once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, asdict, replace
+from typing import Any, Iterable
+
+EDITORS = ("emsedit", "mend", "malmen", "rledit", "ultraedit")
+PROTOCOLS = ("sequential", "batch")
+LOSSES = ("l2", "kl")
+HYPERNETWORKS = ("default", "shared", "per_step")
+STUDIES = ("main", "steps", "loss", "hypernetworks", "data_efficiency", "scaling")
+FAITHFUL = "faithful"
+
+# The keys a cell is identified by, in path order.
+CELL_KEYS = (
+    "dataset", "model", "protocol", "editor", "steps", "loss", "hypernetworks",
+    "turns", "edits", "train_turns", "variant", "seed",
+)
+
+RUN_PATTERN = (
+    "results/runs/{dataset}/{model}/{protocol}/"
+    "{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json"
+)
+ORDER_PATTERN = "results/orders/{dataset}/n{n}_seed{seed}.json"
+PRE_PATTERN = "results/pre/{dataset}/{model}/n{n}_seed{seed}.json"
+
+# Keys a grid entry may set; each takes a scalar or a list (lists are crossed).
+GRID_KEYS = (
+    "dataset", "model", "protocol", "editor", "steps", "loss", "hypernetworks",
+    "turns", "edits", "train_turns", "seed", "variant",
+)
+
+
+class GridError(ValueError):
+    """A grid declaration that cannot be expanded (names the config key at fault)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One experiment cell; `variant` here is the variant whose settings it runs with."""
+
+    dataset: str
+    model: str
+    protocol: str
+    editor: str
+    steps: int
+    loss: str
+    hypernetworks: str
+    turns: int
+    edits: int
+    train_turns: str  # an integer as text, or "default" (the editor's own amount)
+    variant: str
+    seed: int
+
+    @property
+    def n(self) -> int:
+        """Number of edit requests the cell edits (turns x edits per turn)."""
+        return self.turns * self.edits
+
+    @property
+    def path(self) -> str:
+        return RUN_PATTERN.format(**asdict(self))
+
+    @property
+    def order_path(self) -> str:
+        return ORDER_PATTERN.format(dataset=self.dataset, n=self.n, seed=self.seed)
+
+    @property
+    def pre_path(self) -> str:
+        return PRE_PATTERN.format(dataset=self.dataset, model=self.model, n=self.n, seed=self.seed)
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _variant_editor_spec(config: dict, variant: str, editor: str) -> dict:
+    """The variant's settings for one editor ({} when the variant leaves the editor as it is)."""
+    spec = (config.get("variants") or {}).get(variant)
+    if spec is None:
+        raise GridError(f"variants: unknown variant {variant!r} (declared: {sorted(config.get('variants') or {})})")
+    return spec.get(editor) or {}
+
+
+def variant_overrides(config: dict, variant: str, editor: str) -> dict:
+    """Editor hyperparameter overrides (`--set KEY=VALUE`) of a variant for an editor."""
+    return dict(_variant_editor_spec(config, variant, editor).get("set") or {})
+
+
+def resolve_variant(config: dict, cell: Cell) -> Cell:
+    """Apply a variant to a cell: scale its training amount, and fall back to the faithful cell
+    when the variant changes nothing for this editor (so that cell is computed once)."""
+    if cell.variant == FAITHFUL:
+        return cell
+    spec = _variant_editor_spec(config, cell.variant, cell.editor)
+    scale = spec.get("train_turns_scale", 1)
+    if not spec.get("set") and scale == 1:
+        return replace(cell, variant=FAITHFUL)
+    train_turns = cell.train_turns
+    if scale != 1:
+        if train_turns == "default":
+            raise GridError(
+                f"variants.{cell.variant}.{cell.editor}.train_turns_scale needs an explicit train_turns "
+                f"(cell {cell.path} has train_turns: default)"
+            )
+        train_turns = str(int(round(int(train_turns) * scale)))
+    return replace(cell, train_turns=train_turns)
+
+
+def _protocol_setting(config: dict, dataset: str, protocol: str, key: str) -> Any:
+    settings = (config.get("settings") or {}).get(dataset, {}).get(protocol, {})
+    if key in settings:
+        return settings[key]
+    if key == "train_turns":
+        return "default"
+    if key == "turns" and protocol == "batch":
+        return 1
+    raise GridError(f"settings.{dataset}.{protocol}.{key} is missing (needed by a grid that does not set {key!r})")
+
+
+def expand_study(config: dict, study: str) -> list[dict]:
+    """Membership rows of one study: dicts with study, variant (label), the cell, and the grid index."""
+    spec = config["studies"][study]
+    rows: list[dict] = []
+    for index, entry in enumerate(spec.get("grids") or []):
+        where = f"studies.{study}.grids[{index}]"
+        unknown = set(entry) - set(GRID_KEYS)
+        if unknown:
+            raise GridError(f"{where}: unknown keys {sorted(unknown)} (allowed: {list(GRID_KEYS)})")
+        base = {
+            "dataset": spec.get("datasets", config["datasets"]),
+            "model": spec.get("models", config["models"]),
+            "seed": spec.get("seeds", config["seeds"]),
+            "variant": spec.get("variants", list(config["variants"])),
+            "hypernetworks": "default",
+            "steps": 1,
+        }
+        base.update(entry)
+        missing = [k for k in ("protocol", "editor", "loss") if k not in base]
+        if missing:
+            raise GridError(f"{where}: missing {missing}")
+        axes = {k: _as_list(v) for k, v in base.items()}
+        names = list(axes)
+        for combo in itertools.product(*(axes[k] for k in names)):
+            d = dict(zip(names, combo))
+            for key in ("turns", "edits", "train_turns"):
+                if key not in d:
+                    d[key] = _protocol_setting(config, d["dataset"], d["protocol"], key)
+            if d["protocol"] == "batch" and int(d["turns"]) != 1:
+                raise GridError(f"{where}: batch protocol has turns=1 (got {d['turns']})")
+            # A model family can name a different model config per protocol (paper: gptj / gptj_seq).
+            by_protocol = (config.get("model_by_protocol") or {}).get(d["model"], {})
+            d["model"] = by_protocol.get(d["protocol"], d["model"])
+            label = d["variant"]
+            cell = Cell(
+                dataset=str(d["dataset"]), model=str(d["model"]), protocol=d["protocol"],
+                editor=d["editor"], steps=int(d["steps"]), loss=d["loss"],
+                hypernetworks=d["hypernetworks"], turns=int(d["turns"]), edits=int(d["edits"]),
+                train_turns=str(d["train_turns"]), variant=label, seed=int(d["seed"]),
+            )
+            cell = resolve_variant(config, cell)
+            rows.append({"study": study, "variant_label": label, "grid": index, "cell": cell})
+    return rows
+
+
+def expand(config: dict) -> list[dict]:
+    """Membership rows of every study, in declaration order (duplicates within a study removed)."""
+    rows, seen = [], set()
+    for study in config.get("studies") or {}:
+        for row in expand_study(config, study):
+            key = (row["study"], row["variant_label"], row["cell"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
+def unique_cells(rows: Iterable[dict]) -> list[Cell]:
+    """The distinct cells behind membership rows (each is one job)."""
+    return list(dict.fromkeys(row["cell"] for row in rows))
+
+
+def membership_records(rows: Iterable[dict]) -> list[dict]:
+    """Flat dicts (one per membership row) for a table: study, variant label, cell keys, paths."""
+    out = []
+    for row in rows:
+        cell = row["cell"]
+        flat = {"study": row["study"], "variant_label": row["variant_label"], "grid": row["grid"]}
+        flat.update(asdict(cell))
+        flat.update({"n": cell.n, "path": cell.path, "pre_path": cell.pre_path})
+        out.append(flat)
+    return out
