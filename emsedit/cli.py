@@ -44,9 +44,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default="resources/data", help="where dataset files are kept (default: resources/data)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="label stored in config.tags (repeatable)")
     p.add_argument("--metric", action="append", default=[], metavar="SWITCH=BOOL",
-                   help="metric switch, e.g. cf_oldlabel_pad_zero=false (defaults reproduce the official code)")
-    p.add_argument("--old-label-pad", type=int, default=0, choices=(0, -100),
-                   help="pad value of CounterFact old_labels: 0 = official quirk (default), -100 = corrected")
+                   help="metric switch: cf_oldlabel_pad_zero, cf_minibatch_truncation (true = the official code's "
+                        "behaviour, the default; false = corrected)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _cell_options(args: argparse.Namespace) -> Any:
     from emsedit.protocols import CellOptions
 
-    quirks = _key_values(args.metric, "--metric")
+    from emsedit.metrics import MetricQuirks
+
+    quirks: dict[str, bool] = {}
+    for key, value in _key_values(args.metric, "--metric").items():
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"--metric {key} must be true or false, got {value!r}")
+        quirks[key] = value.lower() == "true"
+    try:
+        MetricQuirks.from_mapping(quirks)
+    except ValueError as err:
+        raise ConfigError(f"--metric: {err}") from None
     return CellOptions(
         model=args.model, dataset=args.dataset, seed=args.seed,
         protocol=getattr(args, "protocol", "sequential"), turns=getattr(args, "turns", 1),
@@ -112,7 +121,7 @@ def _cell_options(args: argparse.Namespace) -> Any:
         pre_record=getattr(args, "pre_record", None), threads=args.threads,
         curve=getattr(args, "curve", False), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every_s=getattr(args, "checkpoint_every", 60.0), data_dir=args.data_dir,
-        tags=_key_values(args.tag, "--tag"), metric_quirks=quirks, old_label_pad=args.old_label_pad,
+        tags=_key_values(args.tag, "--tag"), metric_quirks=quirks,
     )
 
 

@@ -190,7 +190,13 @@ class CellOptions:
     data_dir: str = "resources/data"
     tags: dict[str, str] = field(default_factory=dict)
     metric_quirks: dict[str, bool] = field(default_factory=dict)
-    old_label_pad: int = 0  # 0 = official quirk (spec §4.2); -100 = corrected
+
+    @property
+    def old_label_pad(self) -> int:
+        """Pad value of CounterFact old_labels: 0 reproduces the official code, -100 goes with the
+        corrected metric (``cf_oldlabel_pad_zero: false``)."""
+        flag = str(self.metric_quirks.get("cf_oldlabel_pad_zero", True)).lower()
+        return -100 if flag in ("false", "0", "no") else 0
 
     def __post_init__(self) -> None:
         if self.protocol not in ("sequential", "batch"):

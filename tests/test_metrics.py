@@ -288,13 +288,16 @@ def test_evaluate_turns_zsre_oracle() -> None:
             super().__init__()
             self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # noqa: ANN201
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    logits_to_keep: int = 0):  # noqa: ANN201
             logits = torch.zeros((*input_ids.shape, len(tok)))
             for r in range(input_ids.shape[0]):
                 labels = table[tuple(input_ids[r].tolist())]
                 for t, y in enumerate(labels.tolist()):
                     if y != -100:
                         logits[r, t, y] = 1.0
+            if logits_to_keep:  # like transformers: logits of the last positions only
+                logits = logits[:, -logits_to_keep:]
             return type("Out", (), {"logits": logits})()
 
     got = evaluate_turns(Oracle(), [turn], "zsre", progress=False)

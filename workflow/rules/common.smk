@@ -47,6 +47,11 @@ validate_config()
 # runner (papermill / jupyter) and `python` in shell commands come from the same environment.
 PYTHON = config["python"] or sys.executable
 os.environ["PATH"] = os.path.dirname(PYTHON) + os.pathsep + os.environ.get("PATH", "")
+# `python -m emsedit` imports this checkout even from another working directory (--directory .test)
+# and before `pip install -e .`.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (workflow.basedir, os.environ.get("PYTHONPATH", "")) if p
+)
 CONFIG_DIR = Path(config["config_dir"])
 
 
@@ -131,7 +136,10 @@ FIGURES = {
     "scaling": ["scaling"],
 }
 TABLE_FORMATS = ["csv", "md", "tex"]
-REFERENCE_FILES = sorted(str(p) for p in Path("resources/reference").glob("paper_*.csv"))
+# Tracked inputs that live in the repository (absolute, so `--directory .test` still finds them).
+REFERENCE_DIR = Path(workflow.basedir) / "resources" / "reference"
+REFERENCE_FILES = sorted(str(p) for p in REFERENCE_DIR.glob("paper_*.csv"))
+RESULT_SCHEMA = str(Path(workflow.basedir) / "workflow" / "schemas" / "result.schema.yaml")
 FIGURE_FORMATS = ["png", "pdf"]
 
 

@@ -11,7 +11,7 @@ rule claims:
         md=report("results/claims.md", caption="../report/claims.rst", category="Claims"),
         csv="results/claims.csv",
     params:
-        reference_dir="resources/reference",
+        reference_dir=str(REFERENCE_DIR),
         paper=config["paper"],
         claims=config["claims"],
     log:

@@ -5,7 +5,7 @@
 rule aggregate:
     input:
         records=all_run_records(),
-        schema="workflow/schemas/result.schema.yaml",
+        schema=RESULT_SCHEMA,
     output:
         "results/aggregate/cells.csv",
     params:
@@ -30,7 +30,7 @@ rule table:
         md="results/tables/{table}.md",
         tex="results/tables/{table}.tex",
     params:
-        reference_dir="resources/reference",
+        reference_dir=str(REFERENCE_DIR),
         paper=config["paper"],
         description=table_description,
     log:

@@ -548,3 +548,202 @@ def write_table(table: pd.DataFrame, csv: str, md: str, tex: str, title: str, no
     latex = shown.to_latex(index=False, escape=True, caption=title, longtable=False) if len(shown) else "% no rows\n"
     with open(tex, "w") as fh:
         fh.write(_latex_unicode(latex))
+
+
+# --- claims --------------------------------------------------------------------------------------
+
+CLAIMS = [
+    ("msbp", "MSBP improves meta-learning editors (X² beats X on the average score)."),
+    ("steps", "S = 2 backprop steps is best, and S ≥ 3 hurts specificity."),
+    ("loss", "The l2 norm constraint cuts meta-training time by 30–40 % against the KL locality loss, at similar quality."),
+    ("hypernetworks", "Step-specific hypernetworks beat a shared hypernetwork in sequential editing."),
+    ("data_efficiency", "EMSEdit needs less meta-training data: with the least data it beats the baseline trained on the most."),
+    ("main", "EMSEdit beats the baselines (average score)."),
+]
+
+
+def _subtest(variant, what, test, **extra):
+    return {"variant": variant, "test": what, "n": test["n"], "mean_diff": test["mean"], "ci95": test["ci95"],
+            "p": test["p"], "verdict": test["verdict"], "why": test["why"], **extra}
+
+
+def _ref_avg(ref, paper, model, dataset, protocol, editor):
+    return _paper_value(ref["main"], protocol=protocol, model=paper_model(model, paper),
+                        dataset=paper_dataset(dataset, paper), editor=editor, metric="average")
+
+
+def claim_msbp(cells, ref, paper, opts):
+    subs, evidence = [], []
+    for keys, s1, s2 in msbp_pairs(cells):
+        base = editor_label(keys["editor"], 1, keys["loss"])
+        t = one_sample_test(paired_diffs(s2, s1, "post_average"), opts["alpha"])
+        where = f"{keys['dataset']}/{keys['protocol']}"
+        subs.append(_subtest(keys["variant_label"], f"{base}² − {base}, average, {where}", t))
+        p = _ref_avg(ref, paper, keys["model"], keys["dataset"], keys["protocol"], base + "²") - \
+            _ref_avg(ref, paper, keys["model"], keys["dataset"], keys["protocol"], base)
+        if pd.notna(p):
+            evidence.append(f"{base}→{base}² {where}: {p:+.2f}")
+    return subs, sorted(set(evidence))
+
+
+def claim_steps(cells, ref, paper, opts):
+    subs, evidence = [], []
+    frame = study(cells, "steps")
+    keys = ["variant_label", "dataset", "model", "protocol", "editor", "loss", "hypernetworks", "turns", "edits", "train_turns"]
+    for key, group in frame.groupby(keys, sort=False):
+        k = dict(zip(keys, key))
+        s2 = group[group.steps == 2]
+        if not len(s2):
+            continue
+        where = f"{k['dataset']}/{k['protocol']}"
+        for s in sorted(set(group.steps) - {2}):
+            other = group[group.steps == s]
+            t = one_sample_test(paired_diffs(s2, other, "post_average"), opts["alpha"])
+            subs.append(_subtest(k["variant_label"], f"S=2 − S={s}, average, {where}", t))
+            if s >= 3:
+                t = one_sample_test(paired_diffs(s2, other, "post_specificity"), opts["alpha"])
+                subs.append(_subtest(k["variant_label"], f"S=2 − S={s}, specificity, {where}", t))
+        pm = paper_model(k["model"], paper)
+        vals = [_paper_steps(ref, k["protocol"], pm, s, "average") for s in (1, 2, 3, 4)]
+        if not all(pd.isna(vals)):
+            evidence.append(f"{k['protocol']} ({pm}, {'MALMEN' if k['protocol'] == 'batch' else 'RLEdit'} family) average "
+                            "S=1..4: " + " / ".join(_fmt(v) for v in vals))
+    return subs, sorted(set(evidence))
+
+
+def claim_loss(cells, ref, paper, opts):
+    subs, evidence = [], []
+    lo, hi = opts["time_reduction_band"]
+    for keys, l2, kl in loss_pairs(cells):
+        where = f"{keys['dataset']}/{keys['protocol']}"
+        ratio = l2.set_index("seed")["t_train_total"] / kl.set_index("seed")["t_train_total"]
+        reduction = 100.0 * (1.0 - ratio.dropna())
+        t = one_sample_test(reduction, opts["alpha"])
+        s = summarize(reduction)
+        if s["n"] >= 2 and pd.notna(s["ci95"]):
+            low, high = s["mean"] - s["ci95"], s["mean"] + s["ci95"]
+            band = "overlaps" if (low <= hi and high >= lo) else ("below" if high < lo else "above")
+        else:
+            band = "n/a"
+        subs.append(_subtest(keys["variant_label"], f"training-time cut of l2 vs KL, % ({where}; 95% CI {band} the paper's {lo}–{hi} %)", t))
+        q = equivalence_test(paired_diffs(l2, kl, "post_average"), opts["alpha"], opts["equivalence_margin"])
+        subs.append(_subtest(keys["variant_label"], f"average l2 − KL within ±{opts['equivalence_margin']} ({where})", q))
+    pie = ref["time_breakdown"]
+    kl_share = pie[pie.component.str.startswith("Compute L_loc")]
+    evidence.append("KL locality takes " + ", ".join(f"{r.percent_of_training_time} % ({r.protocol})" for r in kl_share.itertuples())
+                    + " of training time")
+    for protocol in sorted(set(study(cells, "loss").protocol)):
+        for model in sorted({paper_model(m, paper) for m in study(cells, "loss").model}):
+            r = _paper_time_ratio(ref, protocol, model)
+            if pd.notna(r):
+                twin = "MALMEN²" if protocol == "batch" else "RLEdit²"
+                evidence.append(f"{protocol} ({model}): EMSEdit / {twin} training time = {r:.2f} (sweep mean)")
+    return subs, evidence
+
+
+def claim_hypernetworks(cells, ref, paper, opts):
+    subs = []
+    frame = study(cells, "hypernetworks")
+    frame = frame[frame.protocol == "sequential"]
+    keys = ["variant_label", "dataset", "model", "editor", "steps", "loss", "turns", "edits", "train_turns"]
+    for key, group in frame.groupby(keys, sort=False):
+        k = dict(zip(keys, key))
+        per, shared = group[group.hypernetworks == "per_step"], group[group.hypernetworks == "shared"]
+        if len(per) and len(shared):
+            t = one_sample_test(paired_diffs(per, shared, "post_average"), opts["alpha"])
+            subs.append(_subtest(k["variant_label"], f"per-step − shared, average, {k['dataset']}/sequential", t))
+    return subs, ["not found in the paper's sources (method spec §10.6)"]
+
+
+def claim_data_efficiency(cells, ref, paper, opts):
+    subs, evidence = [], []
+    frame = study(cells, "data_efficiency")
+    frame = frame.assign(train_amount=pd.to_numeric(frame.train_turns, errors="coerce"))
+    for key, group in frame.groupby(["variant_label", "dataset", "model", "protocol"], sort=False):
+        ems = group[group.editor == "emsedit"]
+        base = group[group.editor != "emsedit"]
+        if not len(ems) or not len(base):
+            continue
+        for editor, b in base.groupby("editor"):
+            lo, hi = ems.train_amount.min(), b.train_amount.max()
+            t = one_sample_test(paired_diffs(ems[ems.train_amount == lo], b[b.train_amount == hi], "post_average"), opts["alpha"])
+            name = EDITOR_NAMES[editor]
+            subs.append(_subtest(key[0], f"EMSEdit at {int(lo)} train turns − {name} at {int(hi)}, average, {key[1]}/{key[3]}", t))
+    de = ref["data_efficiency"]
+    for (protocol, model), g in de.groupby(["protocol", "model"]):
+        ems = g[g.editor == "EMSEdit"]
+        base = g[g.editor != "EMSEdit"]
+        if len(ems) and len(base):
+            lo, hi = ems.training_units.min(), base.training_units.max()
+            e = ems[(ems.training_units == lo) & (ems.metric == "efficacy")]["value"].iloc[0]
+            b = base[(base.training_units == hi) & (base.metric == "efficacy")]["value"].iloc[0]
+            evidence.append(f"{protocol} ({model}): efficacy EMSEdit at {lo} {g.unit.iloc[0]} = {e} vs "
+                            f"{base.editor.iloc[0]} at {hi} = {b}")
+    return subs, evidence
+
+
+def claim_main(cells, ref, paper, opts):
+    subs, evidence = [], []
+    frame = study(cells, "main")
+    for key, group in frame.groupby(["variant_label", "dataset", "model", "protocol"], sort=False):
+        ems = group[(group.editor == "emsedit") & (group.steps == 2) & (group.loss == "l2")]
+        if not len(ems):
+            continue
+        for (editor, steps), b in group[(group.editor != "emsedit") & (group.steps == 1)].groupby(["editor", "steps"]):
+            t = one_sample_test(paired_diffs(ems, b, "post_average"), opts["alpha"])
+            subs.append(_subtest(key[0], f"EMSEdit − {EDITOR_NAMES[editor]}, average, {key[1]}/{key[3]}", t))
+            p = _ref_avg(ref, paper, key[2], key[1], key[3], "EMSEdit") - _ref_avg(ref, paper, key[2], key[1], key[3], EDITOR_NAMES[editor])
+            if pd.notna(p):
+                evidence.append(f"EMSEdit − {EDITOR_NAMES[editor]} {key[1]}/{key[3]} ({paper_model(key[2], paper)}): {p:+.2f}")
+    return subs, sorted(set(evidence))
+
+
+CLAIM_FUNCS = {
+    "msbp": claim_msbp, "steps": claim_steps, "loss": claim_loss, "hypernetworks": claim_hypernetworks,
+    "data_efficiency": claim_data_efficiency, "main": claim_main,
+}
+CLAIM_STUDY = {"msbp": "main", "steps": "steps", "loss": "loss", "hypernetworks": "hypernetworks",
+               "data_efficiency": "data_efficiency", "main": "main"}
+
+
+def evaluate_claims(cells: pd.DataFrame, ref: dict, paper: dict, opts: dict) -> tuple[pd.DataFrame, str]:
+    """Every claim's sub-tests (CSV rows) and the Markdown report."""
+    rows, lines = [], []
+    alpha, margin = opts["alpha"], opts["equivalence_margin"]
+    variants = sorted(set(cells.variant_label)) if len(cells) else []
+    lines += [
+        "# Claims of the paper, tested at this scale", "",
+        "Each claim is split into sub-tests. A sub-test compares two settings on the same seeds (a seed fixes "
+        "the edit order) with a two-sided one-sample t-test on the per-seed differences "
+        f"(scipy.stats.ttest_1samp, α = {alpha}): **holds** when the difference is significant in the claimed "
+        "direction, **does not hold** when it is significant against it, **inconclusive** when it is not "
+        "significant or there are fewer than 2 seeds. \"Similar quality\" is a two one-sided tests (TOST) "
+        f"equivalence test with margin ±{margin} points. A claim holds when all its sub-tests hold, does not hold "
+        "when any does not, and is inconclusive otherwise; verdicts are given per variant.", "",
+        "Variants: " + ", ".join(f"`{v}`" for v in variants) + ".", "",
+        "| claim | " + " | ".join(variants) + " |", "| --- | " + " | ".join("---" for _ in variants) + " |",
+    ]
+    sections, summary = [], []
+    for cid, text in CLAIMS:
+        if CLAIM_STUDY[cid] not in set(cells.study):
+            continue
+        subs, evidence = CLAIM_FUNCS[cid](cells, ref, paper, opts)
+        verdicts = {v: combine(s["verdict"] for s in subs if s["variant"] == v) for v in variants}
+        summary.append(f"| {text} | " + " | ".join(verdicts[v] for v in variants) + " |")
+        for s in subs:
+            rows.append({"claim": cid, **s, "claim_verdict": verdicts[s["variant"]]})
+        sec = [f"## {text}", "", "**Paper's evidence** (resources/reference): " + ("; ".join(evidence) or "none found") + ".", ""]
+        for v in variants:
+            vs = [s for s in subs if s["variant"] == v]
+            sec += [f"### Variant `{v}`: **{verdicts[v]}**", ""]
+            if not vs:
+                sec += ["_no cells for this claim in this variant_", ""]
+                continue
+            sec += ["| sub-test | seeds | mean difference ± 95% CI | p | verdict |", "| --- | --- | --- | --- | --- |"]
+            for s in vs:
+                ci = f" ± {_fmt(s['ci95'])}" if pd.notna(s["ci95"]) else ""
+                sec.append(f"| {s['test']} | {s['n']} | {_fmt(s['mean_diff'])}{ci} | {_fmt(s['p'], 4)} | {s['verdict']} ({s['why']}) |")
+            sec.append("")
+        sections += sec
+    lines += summary + [""] + sections
+    return pd.DataFrame(rows), "\n".join(lines) + "\n"

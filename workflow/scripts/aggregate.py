@@ -1,0 +1,14 @@
+"""Rule aggregate: validate every result record and write the long table results/aggregate/cells.csv."""
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")
+
+import yaml  # noqa: E402
+
+from analysis import aggregate  # noqa: E402
+
+with open(snakemake.input.schema) as fh:
+    schema = yaml.safe_load(fh)
+cells = aggregate(snakemake.params.membership, schema)
+cells.to_csv(snakemake.output[0], index=False)
+print(f"{len(cells)} rows from {cells['path'].nunique() if len(cells) else 0} records", file=sys.stderr)

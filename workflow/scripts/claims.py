@@ -1,0 +1,16 @@
+"""Rule claims: each claim of the paper, the paper's evidence, ours, and a verdict from a paired test."""
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")
+
+import pandas as pd  # noqa: E402
+
+from analysis import evaluate_claims, load_reference  # noqa: E402
+
+cells = pd.read_csv(snakemake.input.cells, dtype={"train_turns": str})
+rows, markdown = evaluate_claims(cells, load_reference(snakemake.params.reference_dir), snakemake.params.paper,
+                                 snakemake.params.claims)
+rows.to_csv(snakemake.output.csv, index=False)
+with open(snakemake.output.md, "w") as fh:
+    fh.write(markdown)
+print(f"{len(rows)} sub-tests", file=sys.stderr)
