@@ -582,7 +582,8 @@ def claim_msbp(cells, ref, paper, opts):
         p = _ref_avg(ref, paper, keys["model"], keys["dataset"], keys["protocol"], base + "²") - \
             _ref_avg(ref, paper, keys["model"], keys["dataset"], keys["protocol"], base)
         if pd.notna(p):
-            evidence.append(f"{base}→{base}² {where}: {p:+.2f}")
+            evidence.append(f"{base}→{base}² {paper_dataset(keys['dataset'], paper)}/{keys['protocol']} "
+                            f"({paper_model(keys['model'], paper)}): {p:+.2f}")
     return subs, sorted(set(evidence))
 
 
@@ -694,7 +695,8 @@ def claim_main(cells, ref, paper, opts):
             subs.append(_subtest(key[0], f"EMSEdit − {EDITOR_NAMES[editor]}, average, {key[1]}/{key[3]}", t))
             p = _ref_avg(ref, paper, key[2], key[1], key[3], "EMSEdit") - _ref_avg(ref, paper, key[2], key[1], key[3], EDITOR_NAMES[editor])
             if pd.notna(p):
-                evidence.append(f"EMSEdit − {EDITOR_NAMES[editor]} {key[1]}/{key[3]} ({paper_model(key[2], paper)}): {p:+.2f}")
+                evidence.append(f"EMSEdit − {EDITOR_NAMES[editor]} {paper_dataset(key[1], paper)}/{key[3]} "
+                                f"({paper_model(key[2], paper)}): {p:+.2f}")
     return subs, sorted(set(evidence))
 
 
