@@ -42,6 +42,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", dest="order_file", help="read the edit order from this file (written by `order`) instead of drawing it from --seed")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data-dir", default="resources/data", help="where dataset files are kept (default: resources/data)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute the unedited lower layers on every pass (slower; same results)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="label stored in config.tags (repeatable)")
     p.add_argument("--metric", action="append", default=[], metavar="SWITCH=BOOL",
                    help="metric switch: cf_oldlabel_pad_zero, cf_minibatch_truncation (true = the official code's "
@@ -121,7 +123,7 @@ def _cell_options(args: argparse.Namespace) -> Any:
         pre_record=getattr(args, "pre_record", None), threads=args.threads,
         curve=getattr(args, "curve", False), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every_s=getattr(args, "checkpoint_every", 60.0), data_dir=args.data_dir,
-        tags=_key_values(args.tag, "--tag"), metric_quirks=quirks,
+        tags=_key_values(args.tag, "--tag"), metric_quirks=quirks, prefix_cache=args.prefix_cache,
     )
 
 

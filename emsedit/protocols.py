@@ -30,6 +30,7 @@ from emsedit.editors import editor_class
 from emsedit.hparams import EditorHParams, load_editor_hparams
 from emsedit.metrics import MetricQuirks, evaluate_turns
 from emsedit.models import load_model, resolve_modules
+from emsedit.prefix_cache import PrefixCachedModel
 from emsedit.records import provenance
 from emsedit.timing import PhaseTimer
 
@@ -190,6 +191,7 @@ class CellOptions:
     data_dir: str = "resources/data"
     tags: dict[str, str] = field(default_factory=dict)
     metric_quirks: dict[str, bool] = field(default_factory=dict)
+    prefix_cache: bool = True  # compute the layers below the lowest edited one once per mini-batch
 
     @property
     def old_label_pad(self) -> int:
@@ -216,6 +218,8 @@ def _setup(opts: CellOptions) -> tuple[ModelConfig, Any, Any, dict[str, torch.nn
     start = time.perf_counter()
     model, tokenizer = load_model(model_cfg)
     modules = resolve_modules(model, list(model_cfg.edit_modules))
+    if opts.prefix_cache:
+        model = PrefixCachedModel(model, list(modules))
     return model_cfg, model, tokenizer, modules, time.perf_counter() - start
 
 

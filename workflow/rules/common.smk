@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 SCRIPTS_DIR = Path(workflow.basedir) / "workflow" / "scripts"
@@ -29,6 +30,12 @@ def config_error_message(cfg):
     )
     if error is None:
         return None
+    # "x is not valid under any of the given schemas" -> the alternative that says why (e.g. the enum)
+    while error.context:
+        specific = [e for e in error.context if e.validator not in ("type", "oneOf", "anyOf")]
+        error = specific[0] if specific else error.context[0]
+        if error.validator not in ("oneOf", "anyOf"):
+            break
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
     return f"invalid config key {key.lstrip('.') or '(top level)'}: {error.message}"
 
@@ -43,15 +50,17 @@ def validate_config():
 
 validate_config()
 
-# The interpreter that runs the library CLI. Its folder goes first on PATH so that the notebook
-# runner (papermill / jupyter) and `python` in shell commands come from the same environment.
-PYTHON = config["python"] or sys.executable
-os.environ["PATH"] = os.path.dirname(PYTHON) + os.pathsep + os.environ.get("PATH", "")
-# `python -m emsedit` imports this checkout even from another working directory (--directory .test)
-# and before `pip install -e .`.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH", "")) if p
-)
+# Shell commands call `python -m emsedit`. Without --sdm conda, `python` (and the notebook runner,
+# papermill) must be the environment's own: the folder of config `python`, or of the interpreter
+# running Snakemake, goes first on PATH. PYTHONPATH gets the checkout, so the CLI imports this
+# repository's emsedit even from another working directory (--directory .test).
+PYTHON_BIN = os.path.dirname(config["python"] or sys.executable)
+# (braces doubled: Snakemake formats the prefix like a shell command)
+_pythonpath = f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+_path = f"export PATH={shlex.quote(PYTHON_BIN)}:$PATH; "
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    _path = ""
+shell.prefix(f"set -euo pipefail; {_path}{_pythonpath}")
 CONFIG_DIR = Path(config["config_dir"])
 
 
@@ -63,12 +72,13 @@ def check_names():
     """Reject a model or dataset name that has no config file, naming the config key it came from."""
     tiny = set(config["tiny_models"])
 
-    def check(kind, names, key):
+    def check(kind, names, key, family=True):
         for name in names:
             if kind == "models" and name in tiny:
                 continue
-            if kind == "models" and name in config["model_by_protocol"]:
-                check(kind, config["model_by_protocol"][name].values(), f"model_by_protocol.{name}")
+            if kind == "models" and family and name in config["model_by_protocol"]:
+                per_protocol = config["model_by_protocol"][name].values()
+                check(kind, per_protocol, f"model_by_protocol.{name}", family=False)
                 continue
             path = _named_config(kind, name)
             if not path.is_file():
@@ -157,7 +167,6 @@ wildcard_constraints:
     train_turns=r"\d+|default",
     seed=r"\d+",
     n=r"\d+",
-    table=_alternatives(TABLES),
 
 
 # --- names and paths --------------------------------------------------------------------------
@@ -254,7 +263,8 @@ def run_options(wildcards):
 
 def checkpoint_dir(wildcards, output):
     """A job-private folder for resumable meta-training state (kept when a job is interrupted)."""
-    return "results/checkpoints/" + output[0][len("results/runs/"):].removesuffix(".json")
+    stem = output[0].removeprefix("results/runs/").removesuffix(".json")
+    return f"results/checkpoints/{stem}"
 
 
 def rule_resources(rule):
@@ -286,12 +296,18 @@ def table_outputs(name):
     return [f"results/tables/{name}.{ext}" for ext in TABLE_FORMATS]
 
 
+def table_report_outputs():
+    """The tables rule's outputs; each CSV goes into the HTML report."""
+    outputs = []
+    for name in enabled_tables():
+        csv = f"results/tables/{name}.csv"
+        outputs.append(report(csv, caption="../report/table.rst", category="Tables", labels={"table": name}))
+        outputs += [f"results/tables/{name}.{ext}" for ext in TABLE_FORMATS if ext != "csv"]
+    return outputs
+
+
 def figure_inputs(name):
     return [f"results/tables/{t}.csv" for t in FIGURES[name]]
-
-
-def table_description(wildcards):
-    return TABLE_DESCRIPTIONS[wildcards.table]
 
 
 TABLE_DESCRIPTIONS = {
@@ -307,7 +323,7 @@ TABLE_DESCRIPTIONS = {
 
 
 def final_outputs():
-    """Everything `rule all` builds: tables, figures and the claims report."""
+    """Everything the default target builds: tables, figures and the claims report."""
     outputs = []
     for name in enabled_tables():
         outputs += table_outputs(name)

@@ -3,6 +3,8 @@
 
 
 rule fetch_data:
+    conda:
+        "../envs/emsedit.yaml"
     output:
         "results/data/{dataset}/manifest.sha256",
     params:
@@ -13,11 +15,13 @@ rule fetch_data:
         "logs/data/{dataset}.log",
     retries: 2
     shell:
-        "{PYTHON} -m emsedit fetch --dataset {params.dataset} {params.mirror} > {log} 2>&1"
+        "python -m emsedit fetch --dataset {params.dataset} {params.mirror} > {log} 2>&1"
         " && sha256sum {params.files} > {output} 2>> {log}"
 
 
 rule edit_order:
+    conda:
+        "../envs/emsedit.yaml"
     input:
         data=dataset_manifest,
     output:
@@ -27,5 +31,5 @@ rule edit_order:
     log:
         "logs/orders/{dataset}/n{n}_seed{seed}.log",
     shell:
-        "{PYTHON} -m emsedit order --dataset {params.dataset} --n {wildcards.n} --seed {wildcards.seed}"
+        "python -m emsedit order --dataset {params.dataset} --n {wildcards.n} --seed {wildcards.seed}"
         " --out {output} > {log} 2>&1"

@@ -3,6 +3,8 @@
 
 
 rule evaluate_unedited:
+    conda:
+        "../envs/emsedit.yaml"
     input:
         unpack(unedited_inputs),
     output:
@@ -18,12 +20,14 @@ rule evaluate_unedited:
     resources:
         **rule_resources("evaluate_unedited"),
     shell:
-        "{PYTHON} -m emsedit evaluate --model {params.model} --dataset {params.dataset}"
+        "python -m emsedit evaluate --model {params.model} --dataset {params.dataset}"
         " --n {wildcards.n} --seed {wildcards.seed} --order {input.order} --threads {threads}"
         " --out {output} > {log} 2>&1"
 
 
 rule run_cell:
+    conda:
+        "../envs/emsedit.yaml"
     input:
         unpack(run_inputs),
     output:
@@ -41,7 +45,7 @@ rule run_cell:
     resources:
         **rule_resources("run_cell"),
     shell:
-        "{PYTHON} -m emsedit run --editor {wildcards.editor} --model {params.model}"
+        "python -m emsedit run --editor {wildcards.editor} --model {params.model}"
         " --dataset {params.dataset} --protocol {wildcards.protocol} --turns {wildcards.turns}"
         " --edits {wildcards.edits} --steps {wildcards.steps} --loss {wildcards.loss}"
         " --seed {wildcards.seed} --order {input.order} --pre {input.pre} --threads {threads}"

@@ -3,6 +3,8 @@
 
 
 rule figure_main:
+    conda:
+        "../envs/notebooks.yaml"
     input:
         figure_inputs("main"),
     output:
@@ -15,6 +17,8 @@ rule figure_main:
 
 
 rule figure_msbp:
+    conda:
+        "../envs/notebooks.yaml"
     input:
         figure_inputs("msbp"),
     output:
@@ -27,6 +31,8 @@ rule figure_msbp:
 
 
 rule figure_steps:
+    conda:
+        "../envs/notebooks.yaml"
     input:
         figure_inputs("steps"),
     output:
@@ -39,6 +45,8 @@ rule figure_steps:
 
 
 rule figure_loss:
+    conda:
+        "../envs/notebooks.yaml"
     input:
         figure_inputs("loss"),
     output:
@@ -51,6 +59,8 @@ rule figure_loss:
 
 
 rule figure_hypernetworks:
+    conda:
+        "../envs/notebooks.yaml"
     input:
         figure_inputs("hypernetworks"),
     output:
@@ -67,6 +77,8 @@ rule figure_hypernetworks:
 
 
 rule figure_data_efficiency:
+    conda:
+        "../envs/notebooks.yaml"
     input:
         figure_inputs("data_efficiency"),
     output:
@@ -83,6 +95,8 @@ rule figure_data_efficiency:
 
 
 rule figure_scaling:
+    conda:
+        "../envs/notebooks.yaml"
     input:
         figure_inputs("scaling"),
     output:

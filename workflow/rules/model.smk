@@ -3,6 +3,8 @@
 
 
 rule materialize_model:
+    conda:
+        "../envs/emsedit.yaml"
     output:
         directory("resources/models/{model}"),
     wildcard_constraints:
@@ -14,10 +16,12 @@ rule materialize_model:
     resources:
         **rule_resources("materialize_model"),
     shell:
-        "{PYTHON} -m emsedit materialize --model {params.model} > {log} 2>&1"
+        "python -m emsedit materialize --model {params.model} > {log} 2>&1"
 
 
 rule tiny_model:
+    conda:
+        "../envs/emsedit.yaml"
     output:
         directory("resources/models/{model}"),
     wildcard_constraints:
@@ -27,4 +31,4 @@ rule tiny_model:
     log:
         "logs/models/{model}.log",
     shell:
-        "{PYTHON} -m emsedit tiny-model --out {output} --style {params.style} > {log} 2>&1"
+        "python -m emsedit tiny-model --out {output} --style {params.style} > {log} 2>&1"

@@ -4,6 +4,8 @@
 
 
 rule claims:
+    conda:
+        "../envs/analysis.yaml"
     input:
         cells="results/aggregate/cells.csv",
         reference=REFERENCE_FILES,
@@ -11,7 +13,6 @@ rule claims:
         md=report("results/claims.md", caption="../report/claims.rst", category="Claims"),
         csv="results/claims.csv",
     params:
-        reference_dir=str(REFERENCE_DIR),
         paper=config["paper"],
         claims=config["claims"],
     log:

@@ -3,6 +3,8 @@
 
 
 rule aggregate:
+    conda:
+        "../envs/analysis.yaml"
     input:
         records=all_run_records(),
         schema=RESULT_SCHEMA,
@@ -16,24 +18,19 @@ rule aggregate:
         "../scripts/aggregate.py"
 
 
-rule table:
+rule tables:
+    conda:
+        "../envs/analysis.yaml"
     input:
         cells="results/aggregate/cells.csv",
         reference=REFERENCE_FILES,
     output:
-        csv=report(
-            "results/tables/{table}.csv",
-            caption="../report/table.rst",
-            category="Tables",
-            labels={"table": "{table}"},
-        ),
-        md="results/tables/{table}.md",
-        tex="results/tables/{table}.tex",
+        table_report_outputs(),
     params:
-        reference_dir=str(REFERENCE_DIR),
+        tables=enabled_tables(),
+        descriptions=TABLE_DESCRIPTIONS,
         paper=config["paper"],
-        description=table_description,
     log:
-        "logs/tables/{table}.log",
+        "logs/tables/tables.log",
     script:
-        "../scripts/make_table.py"
+        "../scripts/make_tables.py"

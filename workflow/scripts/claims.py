@@ -3,12 +3,14 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w")
 
+from pathlib import Path  # noqa: E402
+
 import pandas as pd  # noqa: E402
 
 from analysis import evaluate_claims, load_reference  # noqa: E402
 
 cells = pd.read_csv(snakemake.input.cells, dtype={"train_turns": str})
-rows, markdown = evaluate_claims(cells, load_reference(snakemake.params.reference_dir), snakemake.params.paper,
+rows, markdown = evaluate_claims(cells, load_reference(Path(snakemake.input.reference[0]).parent), snakemake.params.paper,
                                  snakemake.params.claims)
 rows.to_csv(snakemake.output.csv, index=False)
 with open(snakemake.output.md, "w") as fh:

@@ -36,7 +36,7 @@ DB_PORT=$((PORT_BASE + 3))
 NODE_CPUS=${SLURM_TEST_NODE_CPUS:-32}
 NODE_MEM=${SLURM_TEST_NODE_MEM_MB:-262144}
 NODE_GPUS=${SLURM_TEST_NODE_GPUS:-4}
-PROFILE=${SLURM_TEST_PROFILE:-$REPO/profiles/slurm}
+PROFILE=$(cd "${SLURM_TEST_PROFILE:-$REPO/profiles/slurm}" 2>/dev/null && pwd || echo "${SLURM_TEST_PROFILE:-$REPO/profiles/slurm}")
 PY=${PYTHON:-$REPO/.venv/bin/python}
 CLUSTER_NAME=emsedittest
 READY_TIMEOUT=${SLURM_TEST_READY_TIMEOUT:-60}
@@ -44,6 +44,7 @@ READY_TIMEOUT=${SLURM_TEST_READY_TIMEOUT:-60}
 ETC=$STATE/etc
 PIDS=$STATE/pids
 LOGS=$STATE/log
+OVERLAY=$STATE/profile
 MUNGE_SOCKET=$STATE/munge/munge.socket.2
 export SLURM_CONF=$ETC/slurm.conf
 
@@ -121,10 +122,12 @@ start() {
   say "started $name (pid $pid)"
 }
 
+# wait_for WHAT CHECK LOG: poll CHECK (each try capped at 10 s) until it succeeds or the deadline.
 wait_for() {
-  local what=$1 check=$2 log=$3 i
-  for i in $(seq 1 $((READY_TIMEOUT * 4))); do
-    if eval "$check" >/dev/null 2>&1; then return 0; fi
+  local what=$1 check=$2 log=$3 deadline
+  deadline=$(($(date +%s) + READY_TIMEOUT))
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    if timeout 10 bash -c "$check" >/dev/null 2>&1; then return 0; fi
     sleep 0.25
   done
   say "timeout after ${READY_TIMEOUT}s waiting for $what ($check); last log lines:"
@@ -177,15 +180,22 @@ cmd_down() {
 port_busy() { ss -ltnH "sport = :$1" 2>/dev/null | grep -q .; }
 
 write_configs() {
-  local partitions="" accounts="" qos="" needs p pline
-  if [ -d "$PROFILE" ] || [ -f "$PROFILE" ]; then
-    needs=$("$PY" "$REPO/tests/cluster/profile_needs.py" "$PROFILE") || die "cannot read $PROFILE"
-    eval "$needs"
-    partitions=$PARTITIONS; accounts=$ACCOUNTS; qos=$QOS
-    say "from $PROFILE: partitions='${partitions}' accounts='${accounts}' qos='${qos}'"
-  else
-    say "no production profile at $PROFILE yet: only the default partition 'debug' is created"
+  local partitions="" accounts="" qos="" p pline needs noacct=""
+  [ -f "$PROFILE/config.yaml" ] || [ -f "$PROFILE/profile.yaml" ] \
+    || die "no production profile at $PROFILE (config.yaml missing)"
+  # The production profile stays as it is; a generated overlay fills its site placeholders
+  # (<gpu-partition>, <account>, ...) with names this cluster creates, plus the static test overrides.
+  [ "$ACCOUNTING" = 1 ] || noacct=--no-accounting
+  "$PY" "$REPO/tests/cluster/cluster_profile.py" overlay "$PROFILE" "$REPO/tests/cluster/profile" \
+    "$OVERLAY" $noacct | sed 's/^/[slurm-cluster] overlay: /' >&2 || die "cannot write the test overlay for $PROFILE"
+  if [ "$ACCOUNTING" != 1 ]; then
+    # No slurmdbd: the plugin's default status command (sacct) would hang; poll with squeue.
+    echo "slurm-status-command: squeue" >>"$OVERLAY/config.yaml"
   fi
+  needs=$("$PY" "$REPO/tests/cluster/cluster_profile.py" needs "$PROFILE" "$OVERLAY") || die "cannot read $PROFILE"
+  eval "$needs"
+  partitions=$PARTITIONS; accounts=$ACCOUNTS; qos=$QOS
+  say "cluster gets partitions='${partitions}' accounts='${accounts}' qos='${qos}'"
   echo "$accounts" >"$ETC/accounts"
   echo "$qos" >"$ETC/qos"
 
@@ -196,11 +206,21 @@ write_configs() {
 PartitionName=$p Nodes=ALL MaxTime=INFINITE State=UP"
   done
 
-  local acct
+  local acct i gres=""
+  if [ "$NODE_GPUS" -gt 0 ]; then
+    install -d "$STATE/dev"
+    for i in $(seq 0 $((NODE_GPUS - 1))); do
+      mknod "$STATE/dev/gpu$i" c 1 3 2>/dev/null || { NODE_GPUS=0; break; }
+    done
+    [ "$NODE_GPUS" -gt 0 ] || say "WARNING: mknod not permitted: the test node has no GPUs; GPU requests cannot be scheduled"
+  fi
+  [ "$NODE_GPUS" -gt 0 ] && gres=" Gres=gpu:$NODE_GPUS"
   if [ "$ACCOUNTING" = 1 ]; then
     acct="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
+# For the connection to slurmdbd, munge's socket is given here, not by AuthInfo.
+AccountingStoragePass=$MUNGE_SOCKET
 AccountingStoreFlags=job_comment"
   else
     acct="AccountingStorageType=accounting_storage/none"
@@ -245,14 +265,16 @@ JobCompLoc=$LOGS/jobcomp.log
 MinJobAge=300
 KillWait=5
 InactiveLimit=0
-NodeName=localhost CPUs=$NODE_CPUS RealMemory=$NODE_MEM Gres=gpu:$NODE_GPUS State=UNKNOWN
+NodeName=localhost CPUs=$NODE_CPUS RealMemory=$NODE_MEM$gres State=UNKNOWN
 $pline
 CONF
-  # GPUs without device files: enough for the scheduler to allocate --gpus/--gres requests.
-  cat >"$ETC/gres.conf" <<CONF
-AutoDetect=off
-NodeName=localhost Name=gpu Count=$NODE_GPUS
-CONF
+  # GPUs: slurmd only counts GPUs that are character devices, so make stand-ins (clones of
+  # /dev/null). Enough for the scheduler to allocate --gpus/--gres requests; no job sees a GPU.
+  : >"$ETC/gres.conf"
+  if [ "$NODE_GPUS" -gt 0 ]; then
+    echo "AutoDetect=off" >"$ETC/gres.conf"
+    echo "NodeName=localhost Name=gpu File=$STATE/dev/gpu[0-$((NODE_GPUS - 1))]" >>"$ETC/gres.conf"
+  fi
 
   if [ "$ACCOUNTING" = 1 ]; then
     cat >"$ETC/slurmdbd.conf" <<CONF
@@ -274,8 +296,13 @@ CONF
   fi
 
   cat >"$STATE/env.sh" <<ENV
-# source this to talk to the test cluster: sinfo, squeue, sbatch, sacct, snakemake --profile ...
+# source this to talk to the test cluster (sinfo, squeue, sbatch, sacct) or to run the cluster
+# tests by hand: .venv/bin/python -m pytest -m cluster tests/cluster
 export SLURM_CONF=$SLURM_CONF
+export EMSEDIT_CLUSTER_STATE=$STATE
+export EMSEDIT_CLUSTER_ACCOUNTING=$ACCOUNTING
+export EMSEDIT_CLUSTER_PROFILE=$PROFILE
+export EMSEDIT_CLUSTER_OVERLAY=$OVERLAY
 ENV
 }
 
@@ -392,11 +419,24 @@ cmd_test() {
     exit 2
   fi
   t_up=$(elapsed "$t0")
-  export EMSEDIT_CLUSTER_STATE=$STATE EMSEDIT_CLUSTER_ACCOUNTING=$ACCOUNTING \
-         SLURM_TEST_PROFILE="$PROFILE"
+  # shellcheck disable=SC1091
+  source "$STATE/env.sh"
   # shellcheck disable=SC2086
   "$PY" -m pytest -p no:cacheprovider -m cluster -v -rA "$REPO/tests/cluster" ${PYTEST_ARGS:-} || rc=$?
   njobs=$(count_jobs)
+  if [ -s "$STATE/summary.json" ]; then
+    "$PY" - "$STATE/summary.json" >&2 <<'PYEOF' || true
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"[slurm-cluster] workflow={s.get('workflow')} profile={s.get('profile')} args={' '.join(s.get('args', []))}")
+print(f"[slurm-cluster] planned cluster jobs per rule: {s.get('planned_cluster_jobs')}, local: {s.get('planned_local_jobs')}")
+print(f"[slurm-cluster] failure injected in rule {s.get('fail_rule')} by {s.get('fail_by')}")
+for label, run in s.get("runs", {}).items():
+    jobs = ", ".join(f"{j}:{v['rule']}:{v['state']}" for j, v in run["jobs"].items()) or "none"
+    print(f"[slurm-cluster]   {label}: rc={run['rc']} {run['seconds']}s  SLURM jobs: {jobs}")
+print(f"[slurm-cluster] Snakemake logs: {s.get('logs')}")
+PYEOF
+  fi
   if [ "$rc" = 0 ] && [ "${njobs:-0}" -lt 1 ]; then
     say "FAIL: the tests passed but the cluster recorded no job at all"
     rc=3

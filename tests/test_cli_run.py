@@ -1,0 +1,251 @@
+"""End-to-end tests of ``python -m emsedit run`` on a tiny saved model and a small fixture dataset:
+determinism, resume after a fault at a checkpoint, user errors (exit 2, one line) and ``--help``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from emsedit import cli
+from emsedit.editors.base import Editor
+from emsedit.config import REPO_ROOT
+from emsedit.protocols import FAULT_ENV
+from emsedit.tiny import save_tiny_model
+
+torch.set_num_threads(1)
+
+SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "England", "Russia", "China", "Canada", "Egypt",
+            "Brazil", "Greece", "Finland", "Austria", "Asia", "Africa", "Europe", "Paris", "London", "Rome"]
+TARGETS = ["Paris", "London", "Rome", "French", "German", "Japan", "river", "show"]
+VOLATILE = ("timings", "created", "peak_rss_mb")
+
+
+def _records(n: int, offset: int) -> list[dict[str, str]]:
+    """MALMEN-schema zsRE records (src, ans, rephrase, loc, loc_ans) in the tiny vocabulary."""
+    out = []
+    for i in range(offset, offset + n):
+        s = SUBJECTS[i % len(SUBJECTS)]
+        out.append({"src": f"The capital of {s}", "ans": TARGETS[i % len(TARGETS)],
+                    "rephrase": f"What is the capital of {s}", "loc": f"The language spoken in {s}",
+                    "loc_ans": "French"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model_yaml = save_tiny_model(root / "tiny-llama", style="llama", seed=0)
+    data = root / "data"
+    data.mkdir()
+    files = {}
+    for split, offset in (("train", 0), ("eval", 40)):
+        path = data / f"tiny_zsre_{split}.json"
+        path.write_text(json.dumps(_records(40, offset), indent=1))
+        files[split] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                        "url": None}
+    dataset_yaml = root / "tiny-zsre.yaml"
+    dataset_yaml.write_text(yaml.safe_dump({"name": "tiny-zsre", "kind": "zsre", **files}))
+    return {"root": root, "model": str(model_yaml), "dataset": str(dataset_yaml), "data": str(data)}
+
+
+def run_args(env, out, *extra):
+    return ["run", "--model", env["model"], "--dataset", env["dataset"], "--data-dir", env["data"],
+            "--editor", "emsedit", "--seed", "3", "--turns", "2", "--edits", "4", "--train-turns", "3",
+            "--threads", "1", "--set", "rank=8", "--set", "lr=100", "--out", str(out), *extra]
+
+
+def strip(record):
+    return {k: v for k, v in record.items() if k not in VOLATILE}
+
+
+def subprocess_env(**extra):
+    e = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **extra})
+    return e
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """An uninterrupted run (in-process through the CLI entry point)."""
+    out = env["root"] / "reference.json"
+    assert cli.main(run_args(env, out)) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def reference_state(env, reference):
+    """The final checkpoint of an uninterrupted run with checkpointing (its record must equal the
+    run without checkpoints)."""
+    out = env["root"] / "reference_ckpt.json"
+    folder = env["root"] / "reference_ckpt"
+    assert cli.main(run_args(env, out, "--checkpoint-dir", str(folder), "--checkpoint-every", "0")) == 0
+    assert strip(json.loads(out.read_text())) == strip(reference)
+    return _final_state(folder)
+
+
+def _final_state(folder):
+    (state_dir,) = list(Path(folder).iterdir())
+    meta = json.loads((state_dir / "state.json").read_text())
+    return meta, load_file(state_dir / "state.safetensors")
+
+
+# ---------------------------------------------------------------------------------------- determinism
+def test_run_is_deterministic(env, reference, tmp_path):
+    out = tmp_path / "again.json"
+    assert cli.main(run_args(env, out)) == 0
+    again = json.loads(out.read_text())
+    assert strip(again) == strip(reference)
+    # the record is a real run: training happened and the edits are measurable
+    assert reference["kind"] == "run"
+    assert reference["config"]["train_turns"] == 3 and reference["config"]["steps"] == 2
+    assert len(reference["edit_order"]) == 8 and len(reference["train_order"]) == 12
+    assert reference["training"]["optimizer_steps"] == 1  # one Adam step per rollout (quirk 1)
+    assert reference["training"]["train_turns"] == 3
+    assert reference["metrics"]["post"]["efficacy"] > reference["metrics"]["pre"]["efficacy"]
+
+
+def test_different_seed_changes_the_order(env, reference, tmp_path):
+    out = tmp_path / "seed4.json"
+    args = run_args(env, out)
+    args[args.index("--seed") + 1] = "4"
+    assert cli.main(args) == 0
+    assert json.loads(out.read_text())["edit_order"] != reference["edit_order"]
+
+
+# ---------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("fault_after", [1, 5])
+def test_resume_after_fault_equals_uninterrupted(env, reference, reference_state, tmp_path, monkeypatch,
+                                                fault_after):
+    """Fault right after checkpoint write N (1 = after the first training turn; with 3 training
+    turns, 4 = the start of editing, 5 = after the first edit turn), then rerun the same command."""
+    out = tmp_path / "resumed.json"
+    args = run_args(env, out, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0")
+    proc = subprocess.run([sys.executable, "-m", "emsedit", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env=subprocess_env(**{FAULT_ENV: str(fault_after)}), timeout=300)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert not out.exists()
+    state = json.loads(next((tmp_path / "ckpt").glob("*/state.json")).read_text())
+    assert (state["phase"], state["units"]) == (("train", 1) if fault_after == 1 else ("edit", 1))
+    # resume, without the fault, counting the work the second process does
+    done = {"train": 0, "edit": 0}
+    real_rollout, real_edit = Editor._train_rollout, Editor.edit_turn
+
+    def rollout(self, *a, **k):
+        done["train"] += 1
+        return real_rollout(self, *a, **k)
+
+    def edit(self, *a, **k):
+        done["edit"] += 1
+        return real_edit(self, *a, **k)
+
+    monkeypatch.setattr(Editor, "_train_rollout", rollout)
+    monkeypatch.setattr(Editor, "edit_turn", edit)
+    assert cli.main(args) == 0
+    assert done == ({"train": 2, "edit": 2} if fault_after == 1 else {"train": 0, "edit": 1})
+    resumed = json.loads(out.read_text())
+    for key in ("metrics", "training", "edit_order", "train_order"):
+        assert resumed[key] == reference[key], key
+    assert strip(resumed)["config"] == strip(reference)["config"]
+    # and the final state (hypernetworks, normalisers, Adam state, edited weights) is bit-identical
+    meta, tensors = _final_state(tmp_path / "ckpt")
+    ref_meta, ref_tensors = reference_state
+    assert (meta["phase"], meta["units"], meta["stats"]) == (ref_meta["phase"], ref_meta["units"], ref_meta["stats"])
+    assert sorted(tensors) == sorted(ref_tensors)
+    for key, value in ref_tensors.items():
+        assert torch.equal(tensors[key], value), key
+
+
+# ---------------------------------------------------------------------------------------- user errors
+def _expect_user_error(args, out, capsys, needle):
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("emsedit run: error:") and needle in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))  # no temporary file left either
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--editor", "nosuch"], "nosuch"),
+    (["--set", "rnak=8"], "rnak"),
+    (["--set", "lr=nan"], "lr"),
+    (["--set", "eta=inf"], "eta"),
+    (["--set", "steps=-inf"], "steps"),
+])
+def test_config_errors_exit_2_with_one_line(env, tmp_path, capsys, extra, needle):
+    out = tmp_path / "out.json"
+    args = run_args(env, out)
+    if extra[0] == "--editor":
+        args[args.index("--editor") + 1] = extra[1]
+    else:
+        args.extend(extra)
+    _expect_user_error(args, out, capsys, needle)
+
+
+@pytest.mark.parametrize("which", ["eval-file", "dataset-file"])
+def test_missing_data_file_exit_2_with_one_line(env, tmp_path, capsys, monkeypatch, which):
+    """A missing data file is a user error named in one line, found before the model is loaded.
+
+    Currently FAILS: run_cell loads the model (and builds the editor) before it looks at the data
+    files, so the model-loading progress bar precedes the error on stderr, and a typo in a path
+    costs a full model load. See the report for the proposed fix."""
+    import emsedit.protocols as protocols
+
+    monkeypatch.delenv("EMSEDIT_DATA_MIRROR", raising=False)
+    loaded = []
+    real_load = protocols.load_model
+    monkeypatch.setattr(protocols, "load_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    out = tmp_path / "out.json"
+    args = run_args(env, out)
+    if which == "eval-file":
+        needle = str(tmp_path / "nonexistent_eval.json")
+        args += ["--eval-file", needle]
+    else:
+        spec = yaml.safe_load(Path(env["dataset"]).read_text())
+        spec["eval"] = {"file": "missing_eval.json", "sha256": None, "url": None}
+        dataset = tmp_path / "missing.yaml"
+        dataset.write_text(yaml.safe_dump(spec))
+        args[args.index("--dataset") + 1] = str(dataset)
+        needle = "missing_eval.json"
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("emsedit run: error:") and needle in err
+    assert not out.exists()
+    assert not loaded, "the model was loaded before the data files were checked"
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_user_error_exit_status_from_the_module(env, tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "emsedit", *run_args(env, out, "--set", "rnak=8")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 2
+    assert "rnak" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", ["fetch", "materialize", "tiny-model", "order", "evaluate", "run", None])
+def test_help_works(command, capsys):
+    argv = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage:") and "--help" in text
+    if command == "run":
+        for option in ("--editor", "--steps", "--set", "--checkpoint-dir", "--checkpoint-every"):
+            assert option in text

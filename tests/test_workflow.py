@@ -1,0 +1,325 @@
+"""Tests of the Snakemake workflow: DAGs resolve, lint is clean, bad configs are rejected with the key
+named, the aggregation -> tables -> notebooks -> claims -> report path works on synthetic records,
+and runs are incremental. The real end-to-end run on the tiny model is marked slow.
+
+Snakemake runs as a subprocess from the project's environment. Where config/models or
+config/datasets lack a name the configs use (the library's configs are written separately), the
+dry runs point config_dir at stub YAMLs in tests/workflow_fixtures/config.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "workflow_fixtures"
+sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+sys.path.insert(0, str(FIXTURES))
+
+import analysis  # noqa: E402
+import grid  # noqa: E402
+from synthetic_records import write_records  # noqa: E402
+
+TEST_CONFIG = ROOT / ".test" / "config.yaml"
+TABLE_NAMES = ["main", "msbp", "steps", "loss", "time_breakdown", "hypernetworks", "data_efficiency", "scaling"]
+FIGURE_NAMES = ["main", "msbp", "steps", "loss", "hypernetworks", "data_efficiency", "scaling"]
+DOWNSTREAM_RULES = ["aggregate", "tables", "claims"] + [f"figure_{f}" for f in FIGURE_NAMES]
+
+
+def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run Snakemake from this environment (its bin folder first on PATH, as `make` does)."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def load(path: Path) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def names_used(config: dict) -> tuple[set, set]:
+    models = set(config["models"]) | {m for by in (config.get("model_by_protocol") or {}).values() for m in by.values()}
+    datasets = set(config["datasets"])
+    for spec in config["studies"].values():
+        models |= set(spec.get("models", []))
+        datasets |= set(spec.get("datasets", []))
+        for g in spec["grids"]:
+            models |= set(g["model"] if isinstance(g.get("model"), list) else [g["model"]] if "model" in g else [])
+            datasets |= set(g["dataset"] if isinstance(g.get("dataset"), list) else [g["dataset"]] if "dataset" in g else [])
+    return models - set(config.get("tiny_models") or {}), datasets
+
+
+def config_dir_args(*configs: Path) -> list[str]:
+    """--config config_dir=<stubs> when config/ lacks a model or dataset the configs name."""
+    for path in configs:
+        models, datasets = names_used(load(path))
+        missing = [m for m in models if not (ROOT / "config" / "models" / f"{m}.yaml").is_file()]
+        missing += [d for d in datasets if not (ROOT / "config" / "datasets" / f"{d}.yaml").is_file()]
+        if missing:
+            return ["--config", f"config_dir={FIXTURES / 'config'}"]
+    return []
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'job count' table of a dry run."""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", output, flags=re.M)}
+
+
+# --- grid and statistics (no Snakemake) ----------------------------------------------------------------
+
+
+def test_grid_cells_encode_the_full_key_and_are_shared():
+    config = load(ROOT / "config" / "config.yaml")
+    rows = grid.expand(config)
+    cells = grid.unique_cells(rows)
+    paths = [c.path for c in cells]
+    assert len(paths) == len(set(paths)), "two cells map to one path"
+    for cell in cells:
+        for value in (cell.dataset, cell.model, cell.editor, cell.loss, cell.hypernetworks, cell.variant):
+            assert value in cell.path
+        assert f"S{cell.steps}_" in cell.path and f"T{cell.turns}xN{cell.edits}" in cell.path
+        assert f"train{cell.train_turns}_" in cell.path and cell.path.endswith(f"seed{cell.seed}.json")
+    # UltraEdit is not named by the trained variant: its trained rows reuse the faithful cell
+    ultra = [r for r in rows if r["cell"].editor == "ultraedit" and r["variant_label"] == "trained"]
+    assert ultra and all(r["cell"].variant == "faithful" for r in ultra)
+    # the main EMSEdit cell is shared with the steps, loss and hypernetworks studies
+    shared = [r for r in rows if r["cell"].editor == "emsedit" and r["cell"].steps == 2 and r["cell"].loss == "l2"
+              and r["cell"].dataset == "zsre" and r["cell"].protocol == "sequential" and r["cell"].train_turns == "8"
+              and r["cell"].turns == 5 and r["variant_label"] == "faithful" and r["cell"].hypernetworks == "per_step"]
+    assert {r["study"] for r in shared} >= {"main", "steps", "loss", "hypernetworks", "data_efficiency"}
+    assert len({r["cell"] for r in shared}) == 3  # one per seed
+    # every study that feeds a claim runs >= 3 seeds
+    for study in ("main", "steps", "loss", "hypernetworks", "data_efficiency"):
+        assert len({r["cell"].seed for r in rows if r["study"] == study}) >= 3
+
+
+def test_paper_grid_uses_per_protocol_models():
+    cells = grid.unique_cells(grid.expand(load(ROOT / "config" / "paper.yaml")))
+    models = {(c.model, c.protocol) for c in cells}
+    assert ("gptj_seq", "sequential") in models and ("gptj", "batch") in models
+    assert ("gemma-2-batch", "batch") in models and ("gemma-2", "sequential") in models
+    assert not any(m == "gptj" and p == "sequential" for m, p in models)
+    main = {(c.dataset, c.protocol, c.turns, c.edits) for c in cells if c.editor == "emsedit" and c.steps == 2 and c.loss == "l2"}
+    assert ("zsre-paper", "sequential", 600, 30) in main and ("counterfact-paper", "sequential", 400, 20) in main
+    assert ("zsre-paper", "batch", 1, 16384) in main and ("counterfact-paper", "batch", 1, 8192) in main
+
+
+def test_paired_tests_and_intervals():
+    assert analysis.one_sample_test([1.0], 0.05)["verdict"] == "inconclusive"
+    assert analysis.one_sample_test([2.0, 2.1, 1.9, 2.05], 0.05)["verdict"] == "holds"
+    assert analysis.one_sample_test([-2.0, -2.1, -1.9, -2.05], 0.05)["verdict"] == "does not hold"
+    assert analysis.one_sample_test([3.0, -2.0, 1.0], 0.05)["verdict"] == "inconclusive"
+    assert analysis.one_sample_test([1.5, 1.5], 0.05)["verdict"] == "holds"  # no spread, non-zero
+    assert analysis.equivalence_test([0.1, -0.1, 0.05, 0.0], 0.05, 2.0)["verdict"] == "holds"
+    assert analysis.equivalence_test([9.0, 9.1, 8.9, 9.05], 0.05, 2.0)["verdict"] == "does not hold"
+    hw = analysis.t_halfwidth([1.0, 2.0, 3.0])
+    assert abs(hw - 4.302652729911275 * 1.0 / 3 ** 0.5) < 1e-9
+    assert analysis.combine(["holds", "holds"]) == "holds"
+    assert analysis.combine(["holds", "inconclusive"]) == "inconclusive"
+    assert analysis.combine(["holds", "does not hold"]) == "does not hold"
+    assert analysis.editor_label("rledit", 2, "kl") == "RLEdit²"
+    assert analysis.editor_label("emsedit", 2, "kl") == "EMSEdit (KL)"
+    assert analysis.editor_label("emsedit", 3, "l2") == "EMSEdit (S=3)"
+
+
+# --- Snakemake: dry runs, lint, config validation --------------------------------------------------------
+
+
+def test_paper_dag_resolves():
+    """(a) The whole paper grid resolves to a DAG (dry run, no GPU)."""
+    paper = ROOT / "config" / "paper.yaml"
+    res = snakemake("-n", "--configfile", str(paper), *config_dir_args(paper), "-q", "rules")
+    assert res.returncode == 0, res.stderr + res.stdout
+    counts = job_counts(res.stdout + res.stderr)
+    cells = grid.unique_cells(grid.expand(load(paper)))
+    assert counts["run_cell"] == len(cells)
+    assert counts["evaluate_unedited"] == len({(c.dataset, c.model, c.n, c.seed) for c in cells})
+    for rule in ["fetch_data", "materialize_model", "edit_order", "aggregate", "tables", "claims"]:
+        assert counts.get(rule, 0) >= 1, rule
+    assert sum(v for k, v in counts.items() if k.startswith("figure_")) == len(FIGURE_NAMES)
+
+
+def test_default_dag_covers_every_artifact():
+    default = ROOT / "config" / "config.yaml"
+    res = snakemake("-n", *config_dir_args(default), "-q", "rules")
+    assert res.returncode == 0, res.stderr + res.stdout
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts["run_cell"] == len(grid.unique_cells(grid.expand(load(default))))
+    assert counts["tables"] == 1 and counts["claims"] == 1
+    assert all(counts.get(f"figure_{f}") == 1 for f in FIGURE_NAMES)
+
+
+def test_lint_is_clean():
+    """(b) snakemake --lint passes."""
+    res = snakemake("--lint", *config_dir_args(ROOT / "config" / "config.yaml"))
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "Congratulations" in res.stdout + res.stderr
+
+
+def _mutate(tmp_path: Path, change) -> Path:
+    config = load(ROOT / "config" / "config.yaml")
+    change(config)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _set_main(key, value):
+    def change(c):
+        c["studies"]["main"]["grids"][0][key] = value
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set_main("editor", "rledt"), "studies.main.grids[0].editor: 'rledt' is not one of"),
+        (_set_main("loss", "kll"), "studies.main.grids[0].loss: 'kll' is not one of"),
+        (_set_main("protocol", "sequental"), "studies.main.grids[0].protocol: 'sequental' is not one of"),
+        (_set_main("hypernetworks", "perstep"), "studies.main.grids[0].hypernetworks: 'perstep' is not one of"),
+        (lambda c: c.update(models=["smollm-135"]), "invalid config key models: unknown model 'smollm-135'"),
+        (lambda c: c["studies"]["steps"].update(datasets=["zsr"]), "invalid config key studies.steps.datasets: unknown dataset 'zsr'"),
+        (lambda c: c["studies"].update(stepz=c["studies"]["steps"]), "'stepz'"),
+    ],
+    ids=["editor", "loss", "protocol", "hypernetworks", "model", "dataset", "study"],
+)
+def test_invalid_config_is_rejected_naming_the_key(tmp_path, change, message):
+    """(c) A misspelt editor, loss, model ... stops Snakemake before any job, naming the key."""
+    path = _mutate(tmp_path, change)
+    res = snakemake("-n", "--configfile", str(path), *config_dir_args(ROOT / "config" / "config.yaml"))
+    assert res.returncode != 0
+    assert message in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+# --- the analysis path on synthetic records ---------------------------------------------------------------
+
+
+def _workdir(tmp_path: Path) -> Path:
+    """A copy of .test's inputs (dataset configs) as a Snakemake working directory."""
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / ".test" / "config", work / "config")
+    return work
+
+
+def _assert_artifacts(work: Path) -> None:
+    for name in TABLE_NAMES:
+        rows = list(csv.DictReader(open(work / "results" / "tables" / f"{name}.csv")))
+        assert rows, f"table {name} is empty"
+        md = (work / "results" / "tables" / f"{name}.md").read_text()
+        assert md.startswith("# ") and "|" in md
+        tex = (work / "results" / "tables" / f"{name}.tex").read_text()
+        assert "\\begin{tabular}" in tex and "\\end{tabular}" in tex
+    for name in FIGURE_NAMES:
+        png = (work / "results" / "figures" / f"{name}.png").read_bytes()
+        pdf = (work / "results" / "figures" / f"{name}.pdf").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000, name
+        assert pdf.startswith(b"%PDF"), name
+    claims = (work / "results" / "claims.md").read_text()
+    assert claims.startswith("# Claims of the paper")
+    for text in ("MSBP improves", "S = 2 backprop steps", "l2 norm constraint", "Step-specific", "needs less", "beats the baselines"):
+        assert text in claims, text
+    assert "Variant `faithful`" in claims and "Variant `trained`" in claims
+    html = (work / "results" / "report.html").read_text(errors="replace")
+    assert html.lstrip().lower().startswith("<!doctype html") or "<html" in html[:2000].lower()
+    assert "claims.md" in html and "main.png" in html
+
+
+def test_tables_figures_claims_report_from_synthetic_records(tmp_path):
+    """(d) aggregate -> tables -> notebooks -> claims -> HTML report, on planted synthetic records."""
+    work = _workdir(tmp_path)
+    write_records(TEST_CONFIG, work, noise=0.0)
+    args = ["--directory", str(work), "--configfile", str(TEST_CONFIG), "--cores", "2"]
+    res = snakemake(*args, "--allowed-rules", *DOWNSTREAM_RULES, "all")
+    assert res.returncode == 0, res.stderr[-5000:]
+    res = snakemake(*args, "--report", str(work / "results" / "report.html"))
+    assert res.returncode == 0, res.stderr[-5000:]
+    _assert_artifacts(work)
+
+    # the planted effects come out as 'holds' for every claim (noise-free records, 2 seeds)
+    verdicts = {}
+    for row in csv.DictReader(open(work / "results" / "claims.csv")):
+        verdicts[(row["claim"], row["variant"])] = row["claim_verdict"]
+    assert {c for c, _ in verdicts} == {"msbp", "steps", "loss", "hypernetworks", "data_efficiency", "main"}
+    assert all(v == "holds" for (c, variant), v in verdicts.items() if variant == "faithful"), verdicts
+
+    # the main table carries the paper's numbers beside ours
+    main = list(csv.DictReader(open(work / "results" / "tables" / "main.csv")))
+    emsedit = [r for r in main if r["label"] == "EMSEdit" and r["dataset"] == "tiny-zsre" and r["protocol"] == "sequential"]
+    assert emsedit and float(emsedit[0]["average_paper"]) == pytest.approx(77.16)
+
+    # a finished workflow has nothing left to do
+    res = snakemake(*args, "--allowed-rules", *DOWNSTREAM_RULES, "-n", "all")
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def _fake_upstream(work: Path, config: dict) -> None:
+    """Stand-ins for fetched data, models, orders and unedited scores, older than the records."""
+    cells = grid.unique_cells(grid.expand(config))
+    for path in {f"results/data/{c.dataset}/manifest.sha256" for c in cells} | {c.order_path for c in cells} | {c.pre_path for c in cells}:
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_text("{}")
+    for model in {c.model for c in cells}:
+        (work / "resources" / "models" / model).mkdir(parents=True, exist_ok=True)
+    for path in work.rglob("*"):
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+
+
+def test_adding_a_seed_or_editor_runs_only_new_cells(tmp_path):
+    """Finished cells are never rerun: a new seed (or editor) adds exactly its own jobs."""
+    work = _workdir(tmp_path)
+    config = load(TEST_CONFIG)
+    _fake_upstream(work, config)
+    write_records(TEST_CONFIG, work, noise=0.0)
+    args = ["--directory", str(work), "-n", "-q", "rules"]
+
+    res = snakemake(*args, "--configfile", str(TEST_CONFIG))
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts.get("run_cell", 0) == 0 and counts.get("evaluate_unedited", 0) == 0 and counts.get("edit_order", 0) == 0
+
+    bigger = dict(config, seeds=[0, 1, 2])
+    bigger["studies"] = dict(config["studies"])
+    bigger["studies"]["main"] = dict(config["studies"]["main"])
+    bigger["studies"]["main"]["grids"] = config["studies"]["main"]["grids"] + [
+        {"protocol": "batch", "editor": "ultraedit", "steps": 1, "loss": "kl"}]
+    path = tmp_path / "bigger.yaml"
+    path.write_text(yaml.safe_dump(bigger))
+    new = set(grid.unique_cells(grid.expand(bigger))) - set(grid.unique_cells(grid.expand(config)))
+    assert any(c.seed == 2 for c in new) and any(c.editor == "ultraedit" and c.protocol == "batch" for c in new)
+    res = snakemake(*args, "--configfile", str(path))
+    assert res.returncode == 0, res.stderr
+    assert job_counts(res.stdout + res.stderr)["run_cell"] == len(new)
+
+
+# --- the real thing, on the tiny model ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "emsedit" / "__main__.py").exists(), reason="the emsedit CLI is not there yet")
+def test_tiny_end_to_end(tmp_path):
+    """The whole workflow on .test/config.yaml: tiny random Llama, fixture data, every artifact."""
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / ".test", work, ignore=shutil.ignore_patterns("results", "logs", "resources", ".snakemake"))
+    args = ["--directory", str(work), "--configfile", str(TEST_CONFIG), "--cores", "2"]
+    res = snakemake(*args, timeout=3600)
+    assert res.returncode == 0, res.stderr[-8000:]
+    res = snakemake(*args, "--report", str(work / "results" / "report.html"))
+    assert res.returncode == 0, res.stderr[-5000:]
+    _assert_artifacts(work)
+    for path in (work / "results" / "runs").rglob("*.json"):
+        record = json.loads(path.read_text())
+        assert record["kind"] == "run" and "post" in record["metrics"]
+    res = snakemake(*args, "-n")
+    assert "Nothing to be done" in res.stdout + res.stderr
