@@ -1,6 +1,6 @@
 """Write the tiny test datasets and their configs (deterministic; rerun after changing them).
 
-.test/data/<dataset>/{train,eval}.json : small ZsRE (MEND schema) and CounterFact (EasyEdit schema)
+.test/data/<dataset>-{train,eval}.json : small ZsRE (MEND schema) and CounterFact (EasyEdit schema)
                                          files, made-up facts, enough records for .test/config.yaml
 .test/config/datasets/<dataset>.yaml   : the dataset configs with the files' sha256, read through
                                          the mirror (.test/config.yaml: data_mirror: data)
@@ -34,7 +34,7 @@ def counterfact(i: int) -> dict:
 def write(dataset: str, kind: str, make) -> None:
     files = {}
     for split, offset, n in (("train", 0, N_TRAIN), ("eval", 1000, N_EVAL)):
-        rel = f"{dataset}/{split}.json"
+        rel = f"{dataset}-{split}.json"  # a bare file name (the library's rule); the mirror is .test/data
         path = HERE / "data" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps([make(offset + i) for i in range(n)], indent=1) + "\n")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from emsedit.editors.base import Editor, Shifts, StepCache
+from emsedit.hparams import EditorHParams
 from emsedit.hypernet import RunningNorm
 from emsedit.shifts import ridge_shift
 
@@ -30,10 +31,12 @@ class UltraEdit(Editor):
 
     trains = False
 
-    def resolve_schedule(self) -> str:
+    @classmethod
+    def resolve_schedule(cls, hp: EditorHParams, protocol: str) -> str:
         return "none"
 
-    def resolve_sharing(self) -> str:
+    @classmethod
+    def resolve_sharing(cls, hp: EditorHParams, protocol: str) -> str:
         return "per_step"
 
     def build_nets(self) -> list[nn.ModuleDict]:
@@ -65,5 +68,6 @@ class UltraEdit(Editor):
         return shifts
 
     def cache(self, turn, step, *, update_norm=True):  # type: ignore[override]
+        """As the base class, but the lifelong normalisers always learn (they are UltraEdit's design)."""
         self._turn_size = len(turn.requests)
-        return super().cache(turn, step, update_norm=update_norm)
+        return super().cache(turn, step, update_norm=True)

@@ -286,6 +286,7 @@ class _Checkpointer:
         self.folder, self.editor, self.timer, self.every_s = folder, editor, timer, every_s
         self.last = time.perf_counter()
         self.writes = 0
+        self.curve: list[dict[str, Any]] = []  # per-turn scores so far (kept across a resume)
 
     def __call__(self, phase: str, units: int, *, force: bool = False) -> None:
         if self.folder is None:
@@ -293,7 +294,8 @@ class _Checkpointer:
         if not force and time.perf_counter() - self.last < self.every_s:
             return
         meta = {"phase": phase, "units": units, "stats": self.editor.stats,
-                "edit_stats": self.editor.edit_stats, "timings": dict(self.timer.seconds)}
+                "edit_stats": self.editor.edit_stats, "timings": dict(self.timer.seconds),
+                "curve": self.curve}
         save_checkpoint(self.folder, self.editor.state_tensors(), meta)
         self.last = time.perf_counter()
         self.writes += 1
@@ -308,13 +310,13 @@ def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
     dataset = load_dataset_config(opts.dataset)
     quirks = MetricQuirks.from_mapping(opts.metric_quirks)
     cls = editor_class(hp.name)
-    model_cfg, model, tokenizer, modules, load_s = _setup(opts)
-    timer.add("load_model", load_s)
-    editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
-    train_turns = resolve_train_turns(editor.schedule, hp, opts)
+    train_turns = resolve_train_turns(cls.resolve_schedule(hp, opts.protocol), hp, opts)
     plan = plan_data(dataset, n_eval=opts.turns * opts.edits, n_train=train_turns * opts.edits,
                      seed=opts.seed, eval_file=opts.eval_file, train_file=opts.train_file,
                      order_file=opts.order_file, data_dir=opts.data_dir)
+    model_cfg, model, tokenizer, modules, load_s = _setup(opts)
+    timer.add("load_model", load_s)
+    editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
     collate = {"lm_batch_size": hp.lm_batch_size, "old_label_pad": opts.old_label_pad}
     eval_turns = build_turns(pick(plan.eval_requests, plan.edit_order), tokenizer, opts.edits,
                              split="eval", **collate)
@@ -339,6 +341,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
         editor.load_state_tensors(tensors)
         editor.stats, editor.edit_stats = meta["stats"], meta["edit_stats"]
         phase, units = meta["phase"], meta["units"]
+        save.curve = list(meta.get("curve", []))
         for k, v in meta["timings"].items():
             timer.add(k, v)
 
@@ -347,7 +350,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
             editor.meta_train(train, on_turn_done=save, start=units)
             phase, units = "edit", 0
             save("edit", 0, force=True)
-    curve = []
+    curve = save.curve
     with timer.phase("edit_total"):
         for t, turn in enumerate(eval_turns):
             if t < units:

@@ -196,7 +196,7 @@ def test_l2_norm_gradient(toks, monkeypatch, protocol, overrides, eta):
     monkeypatch.setattr(ed, "apply", apply_spy)
     train = turns(toks, "llama", [4, 4] if protocol == "sequential" else [4], "train")
     ed.meta_train(train)
-    assert len(records) == (2 if protocol == "sequential" else 2)  # seq: per turn; batch: per step
+    assert len(records) == 2  # sequential: one Γ per training turn; batch: one per step
     for rec in records:
         for n, (grad, drift) in rec.items():
             assert drift.abs().sum() > 0
@@ -441,3 +441,38 @@ def test_ultraedit_shift_formula(toks):
         values = -0.5 * k_hat.square().sum(-1, keepdim=True) * g_hat
         expected = torch.linalg.solve(keys.T @ keys + torch.eye(64, dtype=torch.float64), keys.T @ values)
         torch.testing.assert_close(delta.double(), expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_nonfinite_cache_does_not_poison_the_normaliser(toks, monkeypatch):
+    """A non-finite cache is skipped; the next, finite turn must train normally.
+
+    Currently FAILS: Editor.cache merges the non-finite rows into the running normaliser before the
+    finiteness check, so mean/std stay NaN for good and every later step is skipped too."""
+    import emsedit.editors.base as base
+
+    ed = make_editor(toks, "malmen", "batch", lr=EDIT_LR["malmen"], max_nonfinite_in_row=3)
+    poison = {"on": True}
+    real = base.Tracer.keys_and_grads
+
+    def keys_and_grads(self, loss, mask):
+        keys, grads = real(self, loss, mask)
+        if poison["on"]:
+            grads = {n: torch.full_like(g, float("inf")) for n, g in grads.items()}
+        return keys, grads
+
+    monkeypatch.setattr(base.Tracer, "keys_and_grads", keys_and_grads)
+    train = turns(toks, "llama", [4, 4], "train")
+    ed.meta_train(train[:1])
+    assert ed.stats["skipped_nonfinite"] == 1 and ed.stats["optimizer_steps"] == 0
+    poison["on"] = False
+    ed.meta_train(train[1:])
+    norm = ed.nets[0]["64x32"].norm
+    assert torch.isfinite(norm.mean).all() and torch.isfinite(norm.std).all()
+    assert ed.stats["skipped_nonfinite"] == 1 and ed.stats["optimizer_steps"] == 1
+
+
+def test_emsedit_sequential_with_kl_loss(toks):
+    ed = make_editor(toks, "emsedit", "sequential", steps=2, lr=EDIT_LR["emsedit"], loss="kl")
+    ed.meta_train(turns(toks, "llama", [4, 4], "train"))
+    assert ed.stats["optimizer_steps"] == 1 and len(ed.stats["losses"]) == 2
+    assert all(torch.isfinite(p).all() for p in ed.params)

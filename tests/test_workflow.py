@@ -145,7 +145,7 @@ def test_paper_dag_resolves():
     counts = job_counts(res.stdout + res.stderr)
     cells = grid.unique_cells(grid.expand(load(paper)))
     assert counts["run_cell"] == len(cells)
-    assert counts["evaluate_unedited"] == len({(c.dataset, c.model, c.n, c.seed) for c in cells})
+    assert counts["evaluate_unedited"] == len({c.pre_path for c in cells})
     for rule in ["fetch_data", "materialize_model", "edit_order", "aggregate", "tables", "claims"]:
         assert counts.get(rule, 0) >= 1, rule
     assert sum(v for k, v in counts.items() if k.startswith("figure_")) == len(FIGURE_NAMES)

@@ -72,8 +72,8 @@ class Editor:
             raise ValueError(f"unknown protocol {protocol!r}; expected sequential or batch")
         self.model, self.modules, self.hp, self.protocol = model, modules, hp, protocol
         self.timer = timer or PhaseTimer()
-        self.schedule = self.resolve_schedule()
-        self.sharing = self.resolve_sharing()
+        self.schedule = self.resolve_schedule(hp, protocol)
+        self.sharing = self.resolve_sharing(hp, protocol)
         self.groups: dict[str, list[str]] = {}
         for name, module in modules.items():
             d_in, d_out = weight_shape(module)
@@ -90,17 +90,19 @@ class Editor:
         self._nonfinite_in_row = 0
 
     # ------------------------------------------------------------------ choices a subclass may make
-    def resolve_schedule(self) -> str:
+    @classmethod
+    def resolve_schedule(cls, hp: EditorHParams, protocol: str) -> str:
         """The meta-training schedule; ``auto`` is resolved by subclasses that need it."""
-        if self.hp.schedule == "auto":
-            raise ValueError(f"editor {self.hp.name!r} does not resolve schedule=auto")
-        return self.hp.schedule
+        if hp.schedule == "auto":
+            raise ValueError(f"editor {hp.name!r} does not resolve schedule=auto")
+        return hp.schedule
 
-    def resolve_sharing(self) -> str:
+    @classmethod
+    def resolve_sharing(cls, hp: EditorHParams, protocol: str) -> str:
         """Whether the S steps share one hypernetwork (``shared``) or have one each (``per_step``)."""
-        if self.hp.hypernetworks == "auto":
-            raise ValueError(f"editor {self.hp.name!r} does not resolve hypernetworks=auto")
-        return self.hp.hypernetworks
+        if hp.hypernetworks == "auto":
+            raise ValueError(f"editor {hp.name!r} does not resolve hypernetworks=auto")
+        return hp.hypernetworks
 
     def build_nets(self) -> list[nn.ModuleDict]:
         """One ModuleDict (shape group → HyperNet) per step; shared steps reuse the same object."""
@@ -153,7 +155,7 @@ class Editor:
                 grads[n].append(g[n])
         out = StepCache({n: torch.cat(v) for n, v in keys.items()},
                         {n: torch.cat(v) for n, v in grads.items()}, rows)
-        if update_norm:
+        if update_norm and self._all_finite([*out.keys.values(), *out.grads.values()]):
             self.update_normalisers(step, out)
         return out
 

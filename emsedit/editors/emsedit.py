@@ -8,17 +8,20 @@ the S steps, updated after every step ("step-wise hypernetwork updating").
 from __future__ import annotations
 
 from emsedit.editors.base import Editor
+from emsedit.hparams import EditorHParams
 
 
 class EMSEdit(Editor):
     """The paper's editor; everything else is the shared machinery."""
 
-    def resolve_schedule(self) -> str:
-        if self.hp.schedule != "auto":
-            return self.hp.schedule
-        return "rollout" if self.protocol == "sequential" else "batch"
+    @classmethod
+    def resolve_schedule(cls, hp: EditorHParams, protocol: str) -> str:
+        if hp.schedule != "auto":
+            return hp.schedule
+        return "rollout" if protocol == "sequential" else "batch"
 
-    def resolve_sharing(self) -> str:
-        if self.hp.hypernetworks != "auto":
-            return self.hp.hypernetworks
-        return "per_step" if self.protocol == "sequential" else "shared"
+    @classmethod
+    def resolve_sharing(cls, hp: EditorHParams, protocol: str) -> str:
+        if hp.hypernetworks != "auto":
+            return hp.hypernetworks
+        return "per_step" if protocol == "sequential" else "shared"

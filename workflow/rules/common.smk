@@ -241,7 +241,9 @@ def run_inputs(wildcards):
     n = n_from_cell(wildcards)
     return {
         "order": grid.ORDER_PATTERN.format(dataset=wildcards.dataset, n=n, seed=wildcards.seed),
-        "pre": grid.PRE_PATTERN.format(dataset=wildcards.dataset, model=wildcards.model, n=n, seed=wildcards.seed),
+        "pre": grid.PRE_PATTERN.format(
+            dataset=wildcards.dataset, model=wildcards.model, n=n, edits=wildcards.edits, seed=wildcards.seed
+        ),
         "model": model_dir(wildcards.model),
         "data": manifest_path(wildcards.dataset),
     }

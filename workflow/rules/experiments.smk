@@ -1,5 +1,5 @@
 # Stage 3: the unedited model's scores on each seeded edit order (computed once, shared by every
-# cell with that dataset, model, number of edits and seed), then one job per experiment cell.
+# cell with that dataset, model, number of edits, edits per turn and seed), then one job per cell.
 
 
 rule evaluate_unedited:
@@ -8,20 +8,21 @@ rule evaluate_unedited:
     input:
         unpack(unedited_inputs),
     output:
-        "results/pre/{dataset}/{model}/n{n}_seed{seed}.json",
+        "results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.json",
     params:
         model=model_arg,
         dataset=dataset_arg,
     log:
-        "logs/pre/{dataset}/{model}/n{n}_seed{seed}.log",
+        "logs/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/pre/{dataset}/{model}/n{n}_seed{seed}.tsv"
+        "results/benchmarks/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.tsv"
     threads: config["threads"]
     resources:
         **rule_resources("evaluate_unedited"),
     shell:
         "python -m emsedit evaluate --model {params.model} --dataset {params.dataset}"
-        " --n {wildcards.n} --seed {wildcards.seed} --order {input.order} --threads {threads}"
+        " --n {wildcards.n} --edits {wildcards.edits} --seed {wildcards.seed} --order {input.order}"
+        " --threads {threads}"
         " --out {output} > {log} 2>&1"
 
 

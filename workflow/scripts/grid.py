@@ -37,7 +37,9 @@ RUN_PATTERN = (
     "{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json"
 )
 ORDER_PATTERN = "results/orders/{dataset}/n{n}_seed{seed}.json"
-PRE_PATTERN = "results/pre/{dataset}/{model}/n{n}_seed{seed}.json"
+# The unedited scores depend on how requests are grouped into turns (mini-batching follows turns),
+# so they are keyed by edits per turn as well as by the number of requests.
+PRE_PATTERN = "results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.json"
 
 # Keys a grid entry may set; each takes a scalar or a list (lists are crossed).
 GRID_KEYS = (
@@ -82,7 +84,7 @@ class Cell:
 
     @property
     def pre_path(self) -> str:
-        return PRE_PATTERN.format(dataset=self.dataset, model=self.model, n=self.n, seed=self.seed)
+        return PRE_PATTERN.format(dataset=self.dataset, model=self.model, n=self.n, edits=self.edits, seed=self.seed)
 
 
 def _as_list(value: Any) -> list:

@@ -172,10 +172,30 @@ cmd_down() {
   for name in $DAEMONS; do
     stop_one "$name" || rc=1
   done
+  unlink_default_conf
   return $rc
 }
 
 # --- configuration ---------------------------------------------------------------------------
+
+# The slurm plugin's job step (snakemake-executor-plugin-slurm-jobstep 0.6) removes every SLURM_*
+# variable but a few from the environment of its inner `srun`, SLURM_CONF included, so that srun
+# reads the default /etc/slurm/slurm.conf. Point that path at this cluster's config while it runs
+# (a symlink, removed by `down`), unless the machine has a slurm.conf of its own.
+DEFAULT_CONF=/etc/slurm/slurm.conf
+link_default_conf() {
+  if [ -L "$DEFAULT_CONF" ] && [ "$(readlink "$DEFAULT_CONF")" = "$SLURM_CONF" ]; then return 0; fi
+  if [ -e "$DEFAULT_CONF" ] || [ -L "$DEFAULT_CONF" ]; then
+    die "$DEFAULT_CONF exists (another SLURM setup?); the job step's srun would read it instead of the test cluster's config"
+  fi
+  install -d "$(dirname "$DEFAULT_CONF")"
+  ln -s "$SLURM_CONF" "$DEFAULT_CONF"
+}
+unlink_default_conf() {
+  if [ -L "$DEFAULT_CONF" ] && [ "$(readlink "$DEFAULT_CONF")" = "$SLURM_CONF" ]; then
+    rm -f "$DEFAULT_CONF" && say "removed $DEFAULT_CONF (link to the test config)"
+  fi
+}
 
 port_busy() { ss -ltnH "sport = :$1" 2>/dev/null | grep -q .; }
 
@@ -372,6 +392,7 @@ cmd_up() {
   install -d -m 0755 "$STATE" "$ETC" "$PIDS" "$LOGS" "$STATE/run" "$STATE/spool/ctld" "$STATE/spool/d"
   touch "$STATE/.slurm-test-state"
   write_configs
+  link_default_conf
 
   start_munge || die "munged did not come up"
   if [ "$ACCOUNTING" = 1 ]; then
