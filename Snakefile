@@ -1,5 +1,6 @@
 # The EMSEdit reproduction workflow. `snakemake` runs the default (CPU) grid of config/config.yaml;
-# `snakemake --configfile config/paper.yaml --profile profiles/slurm` submits the paper's grid.
+# `snakemake --configfile config/paper.yaml --workflow-profile none --profile profiles/slurm` submits
+# the paper's grid (`--workflow-profile none` keeps the workstation profile profiles/default out of it).
 # Stages live in workflow/rules/, helpers in workflow/rules/common.smk.
 from snakemake.utils import min_version
 

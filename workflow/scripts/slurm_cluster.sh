@@ -367,7 +367,7 @@ add_associations() {
 }
 
 cmd_up() {
-  local t0 p
+  local t0 p owner
   t0=$(now)
   [ "$(id -u)" = 0 ] || die "cannot start SLURM here: the daemons need root (uid is $(id -u))"
   cmd_install || return 2
@@ -376,8 +376,14 @@ cmd_up() {
   done
   [ -x "$PY" ] || die "no Python at $PY (run 'make setup' first)"
 
-  # A cluster left over from an interrupted run (same state dir) is stopped first, by its PIDs.
-  if [ -d "$PIDS" ]; then
+  # A cluster in the same state dir: stopped first (by its PIDs) only if whoever started it is gone
+  # (an interrupted run); a cluster that is still in use by a live `test` is left alone.
+  if [ -d "$PIDS" ] && { ours slurmctld || ours slurmd || ours munged || ours slurmdbd || ours mariadbd; } >/dev/null; then
+    owner=$(cat "$STATE/owner" 2>/dev/null)
+    if [ -n "$owner" ] && [ "$owner" != "${OWNER_PID:-}" ] && kill -0 "$owner" 2>/dev/null; then
+      die "a test cluster in $STATE is in use by process $owner; wait for it or set SLURM_TEST_STATE and SLURM_TEST_PORT_BASE"
+    fi
+    say "stopping a leftover test cluster in $STATE"
     cmd_down >/dev/null 2>&1 || die "a previous test cluster in $STATE could not be stopped"
   fi
   for p in $CTLD_PORT $SLURMD_PORT $DBD_PORT $DB_PORT; do
@@ -391,6 +397,7 @@ cmd_up() {
   rm -rf "$STATE"
   install -d -m 0755 "$STATE" "$ETC" "$PIDS" "$LOGS" "$STATE/run" "$STATE/spool/ctld" "$STATE/spool/d"
   touch "$STATE/.slurm-test-state"
+  echo "${OWNER_PID:-$$}" >"$STATE/owner"
   write_configs
   link_default_conf
 
@@ -433,7 +440,9 @@ cmd_test() {
   local t0 t_up rc=0 njobs summary
   t0=$(now)
   # Stop every daemon we start, on success, failure or interrupt alike.
-  trap 'say "teardown"; cmd_down || say "WARNING: teardown incomplete"' EXIT
+  # Only a cluster this process started (owner file) is stopped.
+  export OWNER_PID=$$
+  trap 'if [ "$(cat "$STATE/owner" 2>/dev/null)" = "$OWNER_PID" ]; then say "teardown"; cmd_down || say "WARNING: teardown incomplete"; fi' EXIT
   trap 'exit 130' INT TERM
   if ! (cmd_up); then
     say "FAIL: the SLURM test cluster could not be started (see above); no job was submitted"
