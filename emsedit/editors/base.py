@@ -311,6 +311,17 @@ class Editor:
         self.stats["optimizer_steps"] += 1
 
     # ------------------------------------------------------------------ one training step
+    def _train_shift(self, turn: Turn, step: int) -> tuple[StepCache, Shifts] | None:
+        """Cache and predict one training step; None (counted) when the shift is not finite."""
+        with self.timer.phase("train_cache"):
+            cache = self.cache(turn, step)
+        with self.timer.phase("train_predict_shift"):
+            shifts = self.predict(step, cache)
+        if not self._all_finite(shifts.values()):
+            self._nonfinite(f"training shift, step {step + 1}", self.stats)
+            return None
+        return cache, shifts
+
     def _train_step(
         self,
         turn: Turn,
@@ -324,13 +335,10 @@ class Editor:
         Returns (cache, shifts) with the shift applied and Γ in the weights' ``.grad``, or None when
         the step was not finite (nothing is then left applied).
         """
-        with self.timer.phase("train_cache"):
-            cache = self.cache(turn, step)
-        with self.timer.phase("train_predict_shift"):
-            shifts = self.predict(step, cache)
-        if not self._all_finite(shifts.values()):
-            self._nonfinite(f"training shift, step {step + 1}", self.stats)
+        out = self._train_shift(turn, step)
+        if out is None:
             return None
+        cache, shifts = out
         refs = None
         if self.hp.loss == "kl":
             with self.timer.phase("train_locality_loss"):
@@ -437,15 +445,11 @@ class Editor:
                 refs = [self.reference_log_probs(turn.unrel)]
         done: list[tuple[int, StepCache, Shifts]] = []
         for step in range(self.hp.steps):
-            with self.timer.phase("train_cache"):
-                cache = self.cache(turn, step)
-            with self.timer.phase("train_predict_shift"):
-                shifts = self.predict(step, cache)
-            if not self._all_finite(shifts.values()):
-                self._nonfinite(f"training shift, step {step + 1}", self.stats)
+            out = self._train_shift(turn, step)
+            if out is None:
                 continue
-            self.apply(shifts)
-            done.append((step, cache, shifts))
+            self.apply(out[1])
+            done.append((step, *out))
         self.zero_lm_grads()
         if done:
             with self.timer.phase("train_edit_loss"):
