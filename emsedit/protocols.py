@@ -108,8 +108,13 @@ def plan_data(
     train_file: str | None = None,
     order_file: str | None = None,
     data_dir: str = "resources/data",
+    cap_train_to: int = 0,
 ) -> DataPlan:
-    """Read the eval (and, when needed, train) requests and fix the seeded edit and train orders."""
+    """Read the eval (and, when needed, train) requests and fix the seeded edit and train orders.
+
+    With ``cap_train_to`` = k > 0, a training demand larger than the train file is cut to whole
+    turns of k requests (the official code caps its training loop at the loader's length).
+    """
     kind = dataset["kind"]
     target = dataset.get("zsre_target", "alt")
     eval_path = _data_file(dataset, "eval", eval_file, data_dir)
@@ -120,6 +125,8 @@ def plan_data(
         train_path = _data_file(dataset, "train", train_file, data_dir)
         train_requests = read_requests(train_path, kind, zsre_target=target)
         files["train"] = {"path": str(train_path), "sha256": sha256_of(train_path)}
+        if cap_train_to and n_train > len(train_requests):
+            n_train = len(train_requests) // cap_train_to * cap_train_to
     if order_file:
         order = json.loads(Path(order_file).read_text())
         if order.get("eval_sha256") not in (None, files["eval"]["sha256"]):
@@ -313,7 +320,9 @@ def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
     train_turns = resolve_train_turns(cls.resolve_schedule(hp, opts.protocol), hp, opts)
     plan = plan_data(dataset, n_eval=opts.turns * opts.edits, n_train=train_turns * opts.edits,
                      seed=opts.seed, eval_file=opts.eval_file, train_file=opts.train_file,
-                     order_file=opts.order_file, data_dir=opts.data_dir)
+                     order_file=opts.order_file, data_dir=opts.data_dir,
+                     cap_train_to=opts.edits if opts.train_turns is None else 0)
+    train_turns = len(plan.train_order) // opts.edits
     model_cfg, model, tokenizer, modules, load_s = _setup(opts)
     timer.add("load_model", load_s)
     editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)

@@ -111,10 +111,13 @@ def resolve_variant(config: dict, cell: Cell) -> Cell:
         return cell
     spec = _variant_editor_spec(config, cell.variant, cell.editor)
     scale = spec.get("train_turns_scale", 1)
-    if not spec.get("set") and scale == 1:
+    fixed = (spec.get("train_turns") or {}).get(cell.protocol)
+    if fixed is not None and cell.train_turns != "default":
+        fixed = None  # a grid that declares its own training amount keeps it
+    if not spec.get("set") and scale == 1 and fixed is None:
         return replace(cell, variant=FAITHFUL)
-    train_turns = cell.train_turns
-    if scale != 1:
+    train_turns = cell.train_turns if fixed is None else str(int(fixed))
+    if scale != 1 and fixed is None:
         if train_turns == "default":
             raise GridError(
                 f"variants.{cell.variant}.{cell.editor}.train_turns_scale needs an explicit train_turns "
