@@ -42,6 +42,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", dest="order_file", help="read the edit order from this file (written by `order`) instead of drawing it from --seed")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data-dir", default="resources/data", help="where dataset files are kept (default: resources/data)")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="recompute the unedited lower layers on every pass (slower; same results)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="label stored in config.tags (repeatable)")
@@ -124,6 +125,7 @@ def _cell_options(args: argparse.Namespace) -> Any:
         curve=getattr(args, "curve", False), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every_s=getattr(args, "checkpoint_every", 60.0), data_dir=args.data_dir,
         tags=_key_values(args.tag, "--tag"), metric_quirks=quirks, prefix_cache=args.prefix_cache,
+        device=args.device,
     )
 
 

@@ -150,13 +150,18 @@ def pick(requests: Sequence[EditRequest], order: Sequence[int]) -> list[EditRequ
 
 
 def build_turns(requests: Sequence[EditRequest], tokenizer: Any, edits: int, *, split: str,
-                lm_batch_size: int, old_label_pad: int) -> list[Turn]:
-    """Cut requests into turns of ``edits`` and collate each (spec §4.3)."""
-    return [
+                lm_batch_size: int, old_label_pad: int, device: torch.device | str = "cpu") -> list[Turn]:
+    """Cut requests into turns of ``edits``, collate each (spec §4.3) and put it on ``device``."""
+    turns = [
         make_turn(requests[i:i + edits], tokenizer, split=split, lm_batch_size=lm_batch_size,
                   old_label_pad=old_label_pad)
         for i in range(0, len(requests), edits)
     ]
+    if torch.device(device).type != "cpu":
+        for turn in turns:
+            for kind in ("edit", "equiv", "unrel"):
+                setattr(turn, kind, [b.to(device) for b in getattr(turn, kind)])
+    return turns
 
 
 def write_order(dataset_name: str, n: int, seed: int, out: str, *, eval_file: str | None = None,
@@ -199,6 +204,14 @@ class CellOptions:
     tags: dict[str, str] = field(default_factory=dict)
     metric_quirks: dict[str, bool] = field(default_factory=dict)
     prefix_cache: bool = True  # compute the layers below the lowest edited one once per mini-batch
+    device: str = "auto"  # "auto": CUDA when available, else CPU; or any torch device string
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device the model, the batches and the hypernetworks live on."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     @property
     def old_label_pad(self) -> int:
@@ -223,7 +236,7 @@ def _setup(opts: CellOptions) -> tuple[ModelConfig, Any, Any, dict[str, torch.nn
     torch.manual_seed(opts.seed)
     model_cfg = ModelConfig.from_yaml(find_config("models", opts.model))
     start = time.perf_counter()
-    model, tokenizer = load_model(model_cfg)
+    model, tokenizer = load_model(model_cfg, device=opts.torch_device)
     modules = resolve_modules(model, list(model_cfg.edit_modules))
     if opts.prefix_cache:
         model = PrefixCachedModel(model, list(modules))
@@ -240,6 +253,7 @@ def _base_config(opts: CellOptions, model_cfg: ModelConfig, dataset: dict[str, A
         "edits": opts.edits,
         "seed": opts.seed,
         "threads": torch.get_num_threads(),
+        "device": str(opts.torch_device),
         "metric_quirks": quirks.as_dict(),
         "old_label_pad": opts.old_label_pad,
         "tags": dict(opts.tags),
@@ -256,7 +270,7 @@ def evaluate_cell(opts: CellOptions) -> dict[str, Any]:
     model_cfg, model, tokenizer, _modules, load_s = _setup(opts)
     timer.add("load_model", load_s)
     turns = build_turns(pick(plan.eval_requests, plan.edit_order), tokenizer, opts.edits, split="eval",
-                        lm_batch_size=4, old_label_pad=opts.old_label_pad)
+                        lm_batch_size=4, old_label_pad=opts.old_label_pad, device=opts.torch_device)
     with timer.phase("evaluate_pre"):
         pre = evaluate_turns(model, turns, plan.kind, quirks)
     return {
@@ -326,7 +340,8 @@ def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
     model_cfg, model, tokenizer, modules, load_s = _setup(opts)
     timer.add("load_model", load_s)
     editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
-    collate = {"lm_batch_size": hp.lm_batch_size, "old_label_pad": opts.old_label_pad}
+    collate = {"lm_batch_size": hp.lm_batch_size, "old_label_pad": opts.old_label_pad,
+               "device": opts.torch_device}
     eval_turns = build_turns(pick(plan.eval_requests, plan.edit_order), tokenizer, opts.edits,
                              split="eval", **collate)
     train = build_turns(pick(plan.train_requests, plan.train_order), tokenizer, opts.edits,

@@ -80,8 +80,9 @@ class Editor:
             self.groups.setdefault(f"{d_in}x{d_out}", []).append(name)
         self.group_of = {n: g for g, names in self.groups.items() for n in names}
         self.index_of = {n: i for names in self.groups.values() for i, n in enumerate(names)}
-        self.generator = torch.Generator().manual_seed(seed)
-        self.nets: list[nn.ModuleDict] = self.build_nets()
+        self.generator = torch.Generator().manual_seed(seed)  # CPU: the same init on any device
+        self.device = next(iter(modules.values())).weight.device
+        self.nets: list[nn.ModuleDict] = [nets.to(self.device) for nets in self.build_nets()]
         self.params = self._unique_params()
         self.opt = torch.optim.Adam(self.params, lr=hp.meta_lr) if self.params else None
         self.originals = {n: m.weight.detach().clone() for n, m in modules.items()}
@@ -498,17 +499,17 @@ class Editor:
         out: dict[str, torch.Tensor] = {}
         for s, nets in enumerate(self.distinct_nets()):
             for k, v in nets.state_dict().items():
-                out[f"nets.{s}.{k}"] = v.detach().clone()
+                out[f"nets.{s}.{k}"] = v.detach()
         for i, p in enumerate(self.params):
             if p.grad is not None:
-                out[f"grad.{i}"] = p.grad.detach().clone()
+                out[f"grad.{i}"] = p.grad.detach()
         if self.opt is not None:
             for i, st in self.opt.state_dict()["state"].items():
                 for k, v in st.items():
-                    out[f"opt.{i}.{k}"] = torch.as_tensor(v).clone()
+                    out[f"opt.{i}.{k}"] = torch.as_tensor(v)
         for name, module in self.modules.items():
-            out[f"weight.{name}"] = module.weight.detach().clone()
-        return out
+            out[f"weight.{name}"] = module.weight.detach()
+        return {k: v.to("cpu", copy=True) for k, v in out.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_tensors`."""
@@ -517,7 +518,7 @@ class Editor:
             nets.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         for i, p in enumerate(self.params):
             g = tensors.get(f"grad.{i}")
-            p.grad = None if g is None else g.clone()
+            p.grad = None if g is None else g.to(p.device, copy=True)
         if self.opt is not None:
             state: dict[int, dict[str, torch.Tensor]] = {}
             for k, v in tensors.items():
