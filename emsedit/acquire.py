@@ -13,23 +13,21 @@ place (``os.replace``) once verified, so a half-written or wrong file never take
 When the spec's ``sha256`` is null (the paper-scale files whose checksum is not known), nothing can
 be verified: the first copy found is used and a warning says so.
 
-Command line: ``python -m emsedit.acquire config/datasets/zsre.yaml [--split train eval]``.
+Command line: ``python -m emsedit fetch --dataset zsre``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import logging
 import os
 import re
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -242,35 +240,3 @@ def obtain_dataset(
         splits = sorted(k for k, v in dataset_cfg.items() if isinstance(v, Mapping) and "file" in v)
         raise AcquireError(f"dataset {name}: no file spec for split {split!r} (has {splits})")
     return obtain(spec, data_dir=data_dir, mirror=mirror, timeout=timeout)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: obtain the files of one dataset config and print their paths."""
-    import yaml
-
-    parser = argparse.ArgumentParser(
-        prog="python -m emsedit.acquire",
-        description="Fetch a dataset's files into the data folder (local copy, mirror, then download), "
-        "checking each file's sha256.",
-    )
-    parser.add_argument("config", help="dataset config file, e.g. config/datasets/zsre.yaml")
-    parser.add_argument("--split", nargs="+", default=["train", "eval"], help="which splits (default: train eval)")
-    parser.add_argument("--data-dir", default="resources/data", help="where files are kept (default: resources/data)")
-    parser.add_argument("--mirror", default=None, help=f"mirror folder (default: ${MIRROR_ENV})")
-    parser.add_argument("--timeout", type=float, default=60.0, help="download timeout in seconds (default: 60)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with open(args.config, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh)
-    try:
-        for split in args.split:
-            path = obtain_dataset(cfg, split, data_dir=args.data_dir, mirror=args.mirror, timeout=args.timeout)
-            print(f"{split}\t{path}")
-    except AcquireError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,20 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from emsedit.records import write_bytes_atomic
 
 
 def _sha256(path: Path) -> str:
@@ -57,7 +44,7 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: 
         Path(tmp).unlink(missing_ok=True)
         raise
     payload = {**meta, "tensors_sha256": _sha256(target)}
-    _atomic_write_bytes(folder / "state.json", json.dumps(payload, indent=1, sort_keys=True).encode())
+    write_bytes_atomic(folder / "state.json", json.dumps(payload, indent=1, sort_keys=True).encode())
 
 
 def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

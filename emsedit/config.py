@@ -23,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "MaterializeSpec",
     "default_config_dir",
+    "find_config",
     "find_model_config",
 ]
 
@@ -165,29 +166,35 @@ def default_config_dir() -> Path:
     return Path(env) if env else REPO_ROOT / "config"
 
 
-def find_model_config(name_or_path: str | os.PathLike[str],
-                      config_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Resolve a model config to its YAML file path: a file path, or a name in ``<config>/models/``.
+def find_config(kind: str, name_or_path: str | os.PathLike[str],
+                config_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve a config of one kind (``models``, ``datasets``, ``editors``) to its YAML file path.
 
     A value ending in ``.yaml``/``.yml`` or naming an existing file is taken as a path. Otherwise it
-    is looked up as ``<config_dir>/models/<name>.yaml`` (``config_dir`` defaults to
+    is looked up as ``<config_dir>/<kind>/<name>.yaml`` (``config_dir`` defaults to
     :func:`default_config_dir`). Raises :class:`ConfigError` listing the available names.
-    Use ``ModelConfig.from_yaml(find_model_config(x))`` to load it.
     """
+    what = kind[:-1] if kind.endswith("s") else kind
     raw = Path(name_or_path)
     if raw.suffix in (".yaml", ".yml") or raw.is_file():
         if not raw.is_file():
-            raise ConfigError(f"model config file not found: {raw}")
+            raise ConfigError(f"{what} config file not found: {raw}")
         return raw
-    models_dir = Path(config_dir) / "models" if config_dir is not None else default_config_dir() / "models"
+    folder = Path(config_dir) / kind if config_dir is not None else default_config_dir() / kind
     for suffix in (".yaml", ".yml"):
-        candidate = models_dir / f"{name_or_path}{suffix}"
+        candidate = folder / f"{name_or_path}{suffix}"
         if candidate.is_file():
             return candidate
-    names = sorted(p.stem for p in models_dir.glob("*.y*ml")) if models_dir.is_dir() else []
+    names = sorted(p.stem for p in folder.glob("*.y*ml")) if folder.is_dir() else []
     close = difflib.get_close_matches(str(name_or_path), names, n=3)
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ConfigError(
-        f"no model config named {str(name_or_path)!r} in {models_dir} "
+        f"no {what} config named {str(name_or_path)!r} in {folder} "
         f"(available: {', '.join(names) or 'none'}){hint}"
     )
+
+
+def find_model_config(name_or_path: str | os.PathLike[str],
+                      config_dir: str | os.PathLike[str] | None = None) -> Path:
+    """:func:`find_config` for models; load with ``ModelConfig.from_yaml(find_model_config(x))``."""
+    return find_config("models", name_or_path, config_dir)

@@ -8,7 +8,6 @@ its weight as (out, in), so its (in, out) view is the transpose; GPT-2's ``Conv1
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib.metadata
 import importlib.util
@@ -45,7 +44,6 @@ __all__ = [
     "add_shift",
     "snapshot_weights",
     "restore_weights",
-    "main_materialize",
 ]
 
 #: YAML dtype names → torch dtypes.
@@ -380,22 +378,6 @@ def materialize_model(model_cfg: ModelConfig, out_dir: str | os.PathLike[str] | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def main_materialize(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry for ``python -m emsedit materialize --model NAME [--out DIR] [--overwrite]``."""
-    from .config import find_model_config
-
-    parser = argparse.ArgumentParser(
-        prog="emsedit materialize", description="Build a model's local fp32 copy from its packaged GGUF."
-    )
-    parser.add_argument("--model", required=True, help="model config name (config/models) or YAML path")
-    parser.add_argument("--out", default=None, help="output directory (default: the config's name_or_path)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    args = parser.parse_args(argv)
-    cfg = ModelConfig.from_yaml(find_model_config(args.model))
-    print(materialize_model(cfg, args.out, overwrite=args.overwrite))
-    return 0
 
 
 def answer_forward(model: nn.Module, batch: "LMBatch") -> tuple[torch.Tensor, "LMBatch"]:

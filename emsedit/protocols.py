@@ -24,7 +24,7 @@ import yaml
 
 from emsedit.acquire import obtain_dataset, sha256_of
 from emsedit.checkpoints import load_checkpoint, save_checkpoint
-from emsedit.config import ConfigError, ModelConfig, default_config_dir, find_model_config
+from emsedit.config import ConfigError, ModelConfig, find_config
 from emsedit.data import EditRequest, Turn, make_turn, read_requests
 from emsedit.editors import editor_class
 from emsedit.hparams import EditorHParams, load_editor_hparams
@@ -38,23 +38,6 @@ FAULT_ENV = "EMSEDIT_FAULT_AFTER_CHECKPOINTS"  # test hook: exit abruptly after 
 
 
 # ----------------------------------------------------------------------------- configuration
-def find_config(kind: str, name_or_path: str) -> Path:
-    """A config file by name (``config/<kind>/<name>.yaml``) or by path."""
-    if kind == "models":
-        return find_model_config(name_or_path)
-    raw = Path(name_or_path)
-    if raw.suffix in (".yaml", ".yml"):
-        if not raw.is_file():
-            raise ConfigError(f"{kind[:-1]} config file not found: {raw}")
-        return raw
-    folder = default_config_dir() / kind
-    path = folder / f"{name_or_path}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(f"unknown {kind[:-1]} {name_or_path!r}; known: {names}")
-    return path
-
-
 def load_dataset_config(name_or_path: str) -> dict[str, Any]:
     """A dataset config (``config/datasets/*.yaml``) as a dict, with its kind checked."""
     path = find_config("datasets", name_or_path)

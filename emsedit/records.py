@@ -66,20 +66,26 @@ def validate_record(record: dict[str, Any]) -> None:
     jsonschema.validate(record, schema)
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes to a temporary file in the same folder, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1, allow_nan=False)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON atomically (see :func:`write_bytes_atomic`); NaN and infinity are refused."""
+    write_bytes_atomic(path, (json.dumps(payload, indent=1, allow_nan=False) + "\n").encode())
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> None:

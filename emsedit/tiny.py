@@ -16,11 +16,10 @@ vocabulary identical across processes and machines.
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections import Counter
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -38,7 +37,6 @@ __all__ = [
     "make_tiny_llama",
     "make_tiny_gpt2",
     "save_tiny_model",
-    "main_make_tiny",
 ]
 
 Style = Literal["llama", "gpt2"]
@@ -318,19 +316,3 @@ def save_tiny_model(
     header = f"# Tiny random {style} model for tests and the tiny workflow (seed {seed}); generated.\n"
     target.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     return target
-
-
-def main_make_tiny(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry for ``python -m emsedit tiny-model --out DIR [--style S] [--seed N]``."""
-    parser = argparse.ArgumentParser(
-        prog="emsedit tiny-model", description="Write a tiny random causal LM and its model YAML."
-    )
-    parser.add_argument("--out", required=True, help="output directory for model and tokenizer")
-    parser.add_argument("--style", choices=["llama", "gpt2"], default="llama")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--yaml", default=None, help="where to write the model YAML "
-                        "(default: OUT/model.yaml)")
-    args = parser.parse_args(argv)
-    path = save_tiny_model(args.out, style=args.style, seed=args.seed, yaml_path=args.yaml)
-    print(path)
-    return 0

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emsedit.acquire import MIRROR_ENV, AcquireError, main, obtain, obtain_dataset
+from emsedit.acquire import MIRROR_ENV, AcquireError, obtain, obtain_dataset
+from emsedit.cli import main
 from emsedit.data import read_requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,9 +213,10 @@ def test_obtain_dataset_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[st
         obtain_dataset(cfg, "test", data_dir=data, mirror=mirror)
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    assert main([str(cfg_file), "--data-dir", str(tmp_path / "d2"), "--mirror", str(mirror)]) == 0
-    assert f"train\t{tmp_path / 'd2' / NAME}" in capsys.readouterr().out
-    assert main([str(cfg_file), "--data-dir", str(tmp_path / "d3")]) == 1
+    fetch = ["fetch", "--dataset", str(cfg_file)]
+    assert main([*fetch, "--data-dir", str(tmp_path / "d2"), "--mirror", str(mirror)]) == 0
+    assert f"{tmp_path / 'd2' / NAME}" in capsys.readouterr().out
+    assert main([*fetch, "--data-dir", str(tmp_path / "d3")]) == 2  # no mirror, no url: a user error
 
 
 @pytest.mark.skipif(not SHARED_MIRROR.is_dir(), reason=f"shared data mirror {SHARED_MIRROR} is not present")

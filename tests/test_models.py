@@ -374,10 +374,10 @@ def test_tiny_models_are_seeded_and_leave_global_rng(llama_tok):
     assert isinstance(a.model.layers[0].mlp.down_proj, nn.Linear)
 
 
-def test_main_make_tiny(tmp_path, capsys):
-    from emsedit.tiny import main_make_tiny
+def test_cli_tiny_model(tmp_path, capsys):
+    from emsedit.cli import main
 
-    assert main_make_tiny(["--out", str(tmp_path / "g"), "--style", "gpt2"]) == 0
+    assert main(["tiny-model", "--out", str(tmp_path / "g"), "--style", "gpt2"]) == 0
     yaml_path = Path(capsys.readouterr().out.strip())
     cfg = ModelConfig.from_yaml(yaml_path)
     assert cfg.name == "tiny-gpt2" and cfg.edit_modules == tuple(GPT2_EDIT)

@@ -30,7 +30,8 @@ from emsedit.data import LMBatch, Turn
 from emsedit.hparams import EditorHParams
 from emsedit.hypernet import HyperNet, step_ranks
 from emsedit.losses import answer_log_probs, cross_entropy, kl_locality, l2_weight_change_grad
-from emsedit.models import add_shift, answer_forward, grad_in_out, weight_shape
+from emsedit.models import (add_shift, answer_forward, grad_in_out, restore_weights, snapshot_weights,
+                            weight_shape)
 from emsedit.shifts import ridge_metagrad, ridge_shift
 from emsedit.timing import PhaseTimer
 from emsedit.tracing import Tracer
@@ -85,7 +86,7 @@ class Editor:
         self.nets: list[nn.ModuleDict] = [nets.to(self.device) for nets in self.build_nets()]
         self.params = self._unique_params()
         self.opt = torch.optim.Adam(self.params, lr=hp.meta_lr) if self.params else None
-        self.originals = {n: m.weight.detach().clone() for n, m in modules.items()}
+        self.originals = snapshot_weights(modules)
         self.stats = {"optimizer_steps": 0, "skipped_nonfinite": 0, "train_turns": 0, "losses": []}
         self.edit_stats = {"skipped_nonfinite": 0}
         self._nonfinite_in_row = 0
@@ -399,9 +400,7 @@ class Editor:
 
     def restore_weights(self) -> None:
         """Put the original weights back (the official code reloads the model after training)."""
-        with torch.no_grad():
-            for name, module in self.modules.items():
-                module.weight.copy_(self.originals[name])
+        restore_weights(self.modules, self.originals)
         self.zero_lm_grads()
 
     def _train_batch(self, turns: Sequence[Turn], t: int, *, last: bool) -> None:
