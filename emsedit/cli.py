@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--n", type=int, required=True, help="number of requests")
     p.add_argument("--edits", type=int, help="requests per turn, to group mini-batches as the runs do (default: N)")
+    p.add_argument("--prefix-out", help="also write the unedited lower layers' activations of these requests "
+                                        "here (safetensors), for `run --prefix-in`")
+    p.add_argument("--prefix-max-mb", type=float, default=512.0,
+                   help="write an empty --prefix-out file when the activations exceed this size (default: 512)")
 
     p = sub.add_parser("run", help="meta-train, edit and evaluate one experiment cell")
     _add_common(p)
@@ -94,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-turns", type=int, help="training turns of `edits` requests (default: the editor's rule)")
     p.add_argument("--train-file", help="meta-train on this file instead of the configured train split")
     p.add_argument("--pre", dest="pre_record", help="reuse metrics.pre from this `evaluate` record (same order and edits)")
+    p.add_argument("--prefix-in", help="replay the lower layers' activations written by `evaluate --prefix-out` "
+                                       "(same model; mini-batches are matched by content)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an editor hyperparameter or switch (repeatable; see config/editors)")
     p.add_argument("--curve", action="store_true", help="also evaluate after every turn (slow)")
     p.add_argument("--checkpoint-dir", help="save resumable state here; a rerun resumes from it")
@@ -122,6 +128,8 @@ def _cell_options(args: argparse.Namespace) -> Any:
         train_turns=getattr(args, "train_turns", None), eval_file=args.eval_file,
         train_file=getattr(args, "train_file", None), order_file=args.order_file,
         pre_record=getattr(args, "pre_record", None), threads=args.threads,
+        prefix_out=getattr(args, "prefix_out", None), prefix_in=getattr(args, "prefix_in", None),
+        prefix_max_mb=getattr(args, "prefix_max_mb", 512.0),
         curve=getattr(args, "curve", False), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every_s=getattr(args, "checkpoint_every", 60.0), data_dir=args.data_dir,
         tags=_key_values(args.tag, "--tag"), metric_quirks=quirks, prefix_cache=args.prefix_cache,

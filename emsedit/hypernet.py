@@ -100,11 +100,18 @@ class HyperNet(nn.Module):
         self.rank = rank
 
     def forward(
-        self, keys: torch.Tensor, grads: torch.Tensor, module_idx: int
+        self, keys: torch.Tensor, grads: torch.Tensor, module_idx: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map raw (keys, value-gradients) of module ``module_idx`` to (pseudo-keys, pseudo-grads)."""
+        """Map raw (keys, value-gradients) to (pseudo-keys, pseudo-grads).
+
+        ``module_idx`` is the module of every row (an int), or one index per row (a long tensor),
+        so rows of several modules of this shape group go through the network in one pass.
+        """
         h = self.norm(torch.cat([keys, grads], dim=-1))
-        idx = torch.full((h.shape[0],), module_idx, dtype=torch.long, device=h.device)
+        if isinstance(module_idx, torch.Tensor):
+            idx = module_idx.to(h.device)
+        else:
+            idx = torch.full((h.shape[0],), module_idx, dtype=torch.long, device=h.device)
         for block in self.blocks:
             h = block(h, idx)
         return h.split([self.key_dim, self.value_dim], dim=-1)

@@ -9,15 +9,25 @@ and the output head are computed. Results are identical to the plain model's.
 
 Mini-batches are recognised by the identity of their ``input_ids`` tensor (turns are collated once
 per run). The cache keeps at most ``max_bytes`` of activations; beyond that it stops recording.
+
+Across processes: :meth:`PrefixCachedModel.export` returns the recorded activations keyed by the
+content of each mini-batch (token ids and attention mask), and :meth:`PrefixCachedModel.preload`
+accepts such a mapping, so a mini-batch with the same content replays it instead of running the lower
+layers. The workflow's unedited-evaluation job writes them (:func:`save_shared`) for the cells that
+edit and evaluate the same seeded requests (:func:`load_shared`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+SHARED_FORMAT = "emsedit-prefix-activations/1"
 
 
 def find_layer_list(model: nn.Module, module_names: list[str]) -> tuple[nn.ModuleList, int] | None:
@@ -80,8 +90,11 @@ class PrefixCachedModel(nn.Module):
         self.layers, self.lowest = found if found else (None, 0)
         self.max_bytes = max_bytes
         self._cache: dict[int, tuple[torch.Tensor, Any]] = {}
+        self._keys: dict[int, str] = {}  # id(input_ids) -> content key, for export
+        self._preloaded: dict[str, torch.Tensor] = {}
         self._bytes = 0
         self.hits = 0
+        self.preloaded_hits = 0
 
     @property
     def enabled(self) -> bool:
@@ -99,10 +112,31 @@ class PrefixCachedModel(nn.Module):
             for i, layer in enumerate(original):
                 self.layers[i] = layer
 
+    def export(self) -> dict[str, torch.Tensor]:
+        """The recorded activations (tensor outputs only) keyed by mini-batch content."""
+        out = {}
+        for ident, (_ids, output) in self._cache.items():
+            if isinstance(output, torch.Tensor) and ident in self._keys:
+                out[self._keys[ident]] = output
+        return out
+
+    def preload(self, activations: dict[str, torch.Tensor]) -> None:
+        """Make recorded activations (from :meth:`export`, maybe of another process) replayable."""
+        self._preloaded.update(activations)
+
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         if not self.enabled:
             return self.model(input_ids=input_ids, **kwargs)
         entry = self._cache.get(id(input_ids))
+        if entry is None and self._preloaded:
+            key = content_key(input_ids, kwargs.get("attention_mask"))
+            shared = self._preloaded.get(key)
+            if shared is not None:
+                self.preloaded_hits += 1
+                entry = (input_ids, shared.to(input_ids.device))
+                self._cache[id(input_ids)] = entry
+                self._keys[id(input_ids)] = key
+                self._bytes += _nbytes(shared)
         if entry is not None and entry[0] is input_ids:
             self.hits += 1
             with self._replaying(entry[1]):
@@ -118,5 +152,72 @@ class PrefixCachedModel(nn.Module):
             handle.remove()
         if recorded:
             self._cache[id(input_ids)] = (input_ids, recorded[0])
+            self._keys[id(input_ids)] = content_key(input_ids, kwargs.get("attention_mask"))
             self._bytes += _nbytes(recorded[0])
         return result
+
+
+def content_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
+    """A digest of a mini-batch's token ids, shape and attention mask."""
+    h = hashlib.sha256(str(tuple(input_ids.shape)).encode())
+    h.update(input_ids.detach().to("cpu", torch.int64).numpy().tobytes())
+    if attention_mask is not None:
+        h.update(attention_mask.detach().to("cpu", torch.int64).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def save_shared(path: str | Path, model: PrefixCachedModel, meta: dict[str, str], *,
+                max_bytes: int) -> int:
+    """Write the model's recorded activations for other processes; return how many were written.
+
+    ``meta`` identifies what they were computed with (model name, lowest edited layer); a file that
+    would exceed ``max_bytes`` is written empty, so workflows can always declare it as an output.
+    """
+    from safetensors.torch import save
+
+    from emsedit.records import write_bytes_atomic
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.export().items()} if model.enabled else {}
+    size = sum(_nbytes(t) for t in tensors.values())
+    note = "complete"
+    if size > max_bytes:
+        tensors, note = {}, f"omitted: {size} bytes > limit {max_bytes}"
+    header = {**meta, "format": SHARED_FORMAT, "lowest": str(model.lowest), "note": note}
+    write_bytes_atomic(path, save(tensors, metadata=header))
+    return len(tensors)
+
+
+def read_shared_header(path: str | Path, meta: dict[str, str]) -> dict[str, str]:
+    """The header of a :func:`save_shared` file, checked against ``meta`` (before any model loads).
+
+    Raises ValueError for a file that is not one, or that was written for another model: its
+    activations would be wrong here, not merely unused.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a safetensors file ({err})") from None
+    if header.get("format") != SHARED_FORMAT:
+        raise ValueError(f"{path}: not a shared prefix-activation file (format {header.get('format')!r})")
+    wrong = {k: (header.get(k), v) for k, v in meta.items() if header.get(k) != v}
+    if wrong:
+        raise ValueError(f"{path}: written for other settings (file vs this run: {wrong})")
+    return header
+
+
+def load_shared(path: str | Path, model: PrefixCachedModel, meta: dict[str, str]) -> int:
+    """Preload activations written by :func:`save_shared`; return how many were loaded.
+
+    Raises ValueError as :func:`read_shared_header` does, and when the lowest edited layer differs.
+    """
+    from safetensors.torch import load_file
+
+    read_shared_header(path, {**meta, "lowest": str(model.lowest)})
+    if not model.enabled:
+        return 0
+    tensors = load_file(str(path))
+    model.preload(tensors)
+    return len(tensors)

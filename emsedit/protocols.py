@@ -30,7 +30,7 @@ from emsedit.editors import editor_class
 from emsedit.hparams import EditorHParams, load_editor_hparams
 from emsedit.metrics import MetricQuirks, evaluate_turns
 from emsedit.models import load_model, resolve_modules
-from emsedit.prefix_cache import PrefixCachedModel
+from emsedit.prefix_cache import PrefixCachedModel, load_shared, read_shared_header, save_shared
 from emsedit.records import provenance
 from emsedit.timing import PhaseTimer
 
@@ -179,6 +179,9 @@ class CellOptions:
     train_file: str | None = None
     order_file: str | None = None
     pre_record: str | None = None
+    prefix_out: str | None = None  # evaluate: write the lower layers' activations here (shared)
+    prefix_in: str | None = None  # run: replay the lower layers' activations from this file
+    prefix_max_mb: float = 512.0  # evaluate: write an empty file instead beyond this size
     threads: int | None = None
     curve: bool = False
     checkpoint_dir: str | None = None
@@ -256,15 +259,41 @@ def evaluate_cell(opts: CellOptions) -> dict[str, Any]:
                         lm_batch_size=4, old_label_pad=opts.old_label_pad, device=opts.torch_device)
     with timer.phase("evaluate_pre"):
         pre = evaluate_turns(model, turns, plan.kind, quirks)
+    shared = {}
+    if opts.prefix_out:
+        if not isinstance(model, PrefixCachedModel):
+            raise ConfigError("writing shared prefix activations needs the prefix cache (drop --no-prefix-cache)")
+        with timer.phase("write_prefix"):
+            written = save_shared(opts.prefix_out, model, _prefix_meta(model_cfg),
+                                  max_bytes=int(opts.prefix_max_mb * 2**20))
+        shared = {"prefix_activations": {"path": opts.prefix_out, "mini_batches": written}}
     return {
         "schema_version": 1,
         "kind": "evaluate",
-        "config": _base_config(opts, model_cfg, dataset, plan, quirks),
+        "config": {**_base_config(opts, model_cfg, dataset, plan, quirks), **shared},
         "edit_order": plan.edit_order,
         "metrics": {"pre": pre},
         "timings": timer.as_dict(),
         **provenance(),
     }
+
+
+def _prefix_meta(model_cfg: ModelConfig) -> dict[str, str]:
+    """What shared prefix activations depend on besides the token ids."""
+    return {"model": model_cfg.name, "name_or_path": model_cfg.name_or_path, "dtype": model_cfg.dtype}
+
+
+def _preload_prefix(opts: CellOptions, model: Any, model_cfg: ModelConfig) -> dict[str, Any]:
+    """Preload shared prefix activations when given; return what the record says about them."""
+    if not opts.prefix_in:
+        return {}
+    if not isinstance(model, PrefixCachedModel):
+        raise ConfigError("--prefix-in needs the prefix cache (drop --no-prefix-cache)")
+    try:
+        loaded = load_shared(opts.prefix_in, model, _prefix_meta(model_cfg))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--prefix-in: {err}") from None
+    return {"prefix_activations": {"path": opts.prefix_in, "mini_batches": loaded}}
 
 
 def resolve_train_turns(editor_schedule: str, hp: EditorHParams, opts: CellOptions) -> int:
@@ -279,7 +308,9 @@ def resolve_train_turns(editor_schedule: str, hp: EditorHParams, opts: CellOptio
 def _checkpoint_folder(opts: CellOptions, config: dict[str, Any]) -> Path | None:
     if not opts.checkpoint_dir:
         return None
-    key = json.dumps({k: v for k, v in config.items() if k != "threads"}, sort_keys=True, default=str)
+    # threads and replayed activations change no result, so a resume may differ in them
+    key = json.dumps({k: v for k, v in config.items() if k not in ("threads", "prefix_activations")},
+                     sort_keys=True, default=str)
     return Path(opts.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -320,8 +351,15 @@ def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
                      order_file=opts.order_file, data_dir=opts.data_dir,
                      cap_train_to=opts.edits if opts.train_turns is None else 0)
     train_turns = len(plan.train_order) // opts.edits
+    if opts.prefix_in:  # a wrong file is reported before the model loads
+        try:
+            read_shared_header(opts.prefix_in, _prefix_meta(ModelConfig.from_yaml(find_config("models", opts.model))))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--prefix-in: {err}") from None
     model_cfg, model, tokenizer, modules, load_s = _setup(opts)
     timer.add("load_model", load_s)
+    with timer.phase("load_prefix"):
+        shared = _preload_prefix(opts, model, model_cfg)
     editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
     collate = {"lm_batch_size": hp.lm_batch_size, "old_label_pad": opts.old_label_pad,
                "device": opts.torch_device}
@@ -335,6 +373,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
         "editor": {**dataclasses.asdict(hp), "schedule": editor.schedule, "hypernetworks": editor.sharing},
         "steps": hp.steps, "loss": hp.loss, "hypernetworks": editor.sharing,
         "train_turns": train_turns,
+        **shared,
     })
 
     pre = _pre_metrics(opts, plan, model, eval_turns, quirks, timer)
@@ -370,6 +409,8 @@ def run_cell(hp: EditorHParams, opts: CellOptions) -> dict[str, Any]:
             save("edit", t + 1)
     with timer.phase("evaluate_post"):
         post = evaluate_turns(model, eval_turns, plan.kind, quirks)
+    if shared:
+        shared["prefix_activations"]["replayed"] = model.preloaded_hits
 
     metrics: dict[str, Any] = {"pre": pre, "post": post}
     if opts.curve:

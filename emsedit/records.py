@@ -8,6 +8,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +61,11 @@ def provenance() -> dict[str, Any]:
 
 def validate_record(record: dict[str, Any]) -> None:
     """Check a record against ``workflow/schemas/result.schema.yaml`` (jsonschema)."""
+    if "jsonschema" not in sys.modules:
+        # jsonschema's optional URI format checker imports rfc3987_syntax, which builds a Lark
+        # grammar at import time (~3 s per process, i.e. per experiment cell). Our schemas use no
+        # `format` keywords, so that module is hidden; jsonschema skips the checker it would serve.
+        sys.modules.setdefault("rfc3987_syntax", None)
     import jsonschema
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())

@@ -200,6 +200,70 @@ def test_resume_keeps_the_per_turn_curve(env, tmp_path, monkeypatch):
     assert resumed["metrics"] == reference["metrics"]
 
 
+# ------------------------------------------------------------------------- shared prefix activations
+@pytest.fixture(scope="module")
+def upper_only(env):
+    """The tiny model with only its upper layer edited, so layer 0 is an unedited prefix."""
+    cfg = yaml.safe_load(Path(env["model"]).read_text())
+    cfg["edit_modules"] = ["model.layers.1.mlp.down_proj"]
+    path = env["root"] / "tiny-llama-upper.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _evaluate_args(env, model, out, prefix, *extra):
+    return ["evaluate", "--model", model, "--dataset", env["dataset"], "--data-dir", env["data"],
+            "--seed", "3", "--n", "8", "--edits", "4", "--threads", "1", "--out", str(out),
+            "--prefix-out", str(prefix), *extra]
+
+
+def _run_upper(env, model, out, *extra):
+    args = run_args(env, out, *extra)
+    args[args.index("--model") + 1] = model
+    return args
+
+
+def test_shared_prefix_activations_are_replayed_and_change_nothing(env, upper_only, tmp_path):
+    """`evaluate --prefix-out` then `run --pre --prefix-in`: every eval mini-batch's lower layers are
+    replayed from the file, and the record equals the run that computed them itself."""
+    pre, prefix = tmp_path / "pre.json", tmp_path / "pre.prefix.safetensors"
+    assert cli.main(_evaluate_args(env, upper_only, pre, prefix)) == 0
+    written = json.loads(pre.read_text())["config"]["prefix_activations"]["mini_batches"]
+    assert written == 6  # 2 turns × (edit, paraphrase, locality), one mini-batch of 4 each
+    plain, shared = tmp_path / "plain.json", tmp_path / "shared.json"
+    assert cli.main(_run_upper(env, upper_only, plain, "--pre", str(pre))) == 0
+    assert cli.main(_run_upper(env, upper_only, shared, "--pre", str(pre), "--prefix-in", str(prefix))) == 0
+    plain, shared = json.loads(plain.read_text()), json.loads(shared.read_text())
+    assert "prefix_activations" not in plain["config"]
+    assert shared["config"].pop("prefix_activations") == {
+        "path": str(prefix), "mini_batches": written, "replayed": written}
+    assert strip(shared) == strip(plain)
+    assert shared["metrics"]["post"]["efficacy"] > shared["metrics"]["pre"]["efficacy"]
+
+
+def test_shared_prefix_over_the_size_limit_is_written_empty(env, upper_only, tmp_path):
+    pre, prefix = tmp_path / "pre.json", tmp_path / "pre.prefix.safetensors"
+    assert cli.main(_evaluate_args(env, upper_only, pre, prefix, "--prefix-max-mb", "0")) == 0
+    assert json.loads(pre.read_text())["config"]["prefix_activations"]["mini_batches"] == 0
+    assert prefix.exists() and load_file(prefix) == {}
+
+
+def test_shared_prefix_of_another_model_is_refused(env, upper_only, tmp_path, capsys):
+    other = yaml.safe_load(Path(upper_only).read_text())
+    other["name_or_path"] = str(Path(save_tiny_model(tmp_path / "other", style="llama", seed=1)).parent)
+    other_yaml = tmp_path / "other.yaml"
+    other_yaml.write_text(yaml.safe_dump(other))
+    pre, prefix = tmp_path / "pre.json", tmp_path / "pre.prefix.safetensors"
+    assert cli.main(_evaluate_args(env, str(other_yaml), pre, prefix)) == 0
+    out = tmp_path / "out.json"
+    _expect_user_error(_run_upper(env, upper_only, out, "--prefix-in", str(prefix)), out, capsys,
+                       "written for other settings")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_text("not a safetensors file")
+    _expect_user_error(_run_upper(env, upper_only, out, "--prefix-in", str(garbage)), out, capsys,
+                       "not a safetensors file")
+
+
 # ---------------------------------------------------------------------------------------- user errors
 def _expect_user_error(args, out, capsys, needle):
     capsys.readouterr()

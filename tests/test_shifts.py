@@ -193,8 +193,9 @@ def test_mend_predict_is_outer_shift_of_the_network_output(llama_setup):
 
 @pytest.mark.parametrize("name", ["malmen", "mend"])
 def test_editor_metagrad_matches_autograd_through_the_shift(llama_setup, name):
-    """accumulate_metagrad (analytic ridge gradient / MEND surrogate, in chunks) gives the same
-    hypernetwork gradient as autograd of ⟨Γ, ΔW(θ)⟩ through the whole shift."""
+    """accumulate_metagrad (analytic ridge gradient / MEND surrogate, in chunks, all modules of a
+    shape group in one pass) gives the same hypernetwork gradient as autograd of ⟨Γ, ΔW(θ)⟩ through
+    each module's shift computed on its own."""
     ed = _editor(llama_setup, name, lr=0.5)
     cache = ed.cache(llama_setup[2], 0)
     _perturb(ed, seed=1)
@@ -215,7 +216,8 @@ def test_editor_metagrad_matches_autograd_through_the_shift(llama_setup, name):
             pk, pg = net(cache.keys[n], cache.grads[n], idx)
             shift = outer_shift(pk, pg, net.module_lr(idx))
         else:
-            v = ed.values(0, n, cache.keys[n], cache.grads[n])
+            rows = torch.full((cache.keys[n].shape[0],), idx, dtype=torch.long)  # one module alone
+            v = ed.values(0, ed.group_of[n], cache.keys[n], cache.grads[n], rows)
             shift = ridge_shift(cache.keys[n], v, net.module_lamda(idx), "primal")
         total = total + (gammas[n] * shift).sum()
     total.backward()

@@ -273,7 +273,7 @@ def test_tables_figures_claims_report_from_synthetic_records(tmp_path):
 def _fake_upstream(work: Path, config: dict) -> None:
     """Stand-ins for fetched data, models, orders and unedited scores, older than the records."""
     cells = grid.unique_cells(grid.expand(config))
-    for path in {f"results/data/{c.dataset}/manifest.sha256" for c in cells} | {c.order_path for c in cells} | {c.pre_path for c in cells}:
+    for path in {f"results/data/{c.dataset}/manifest.sha256" for c in cells} | {c.order_path for c in cells} | {c.pre_path for c in cells} | {c.prefix_path for c in cells}:
         (work / path).parent.mkdir(parents=True, exist_ok=True)
         (work / path).write_text("{}")
     for model in {c.model for c in cells}:

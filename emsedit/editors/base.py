@@ -85,7 +85,8 @@ class Editor:
         self.device = next(iter(modules.values())).weight.device
         self.nets: list[nn.ModuleDict] = [nets.to(self.device) for nets in self.build_nets()]
         self.params = self._unique_params()
-        self.opt = torch.optim.Adam(self.params, lr=hp.meta_lr) if self.params else None
+        # fused: one kernel over all parameters (~3x faster than the per-tensor loop on the CPU)
+        self.opt = torch.optim.Adam(self.params, lr=hp.meta_lr, fused=True) if self.params else None
         self.originals = snapshot_weights(modules)
         self.stats = {"optimizer_steps": 0, "skipped_nonfinite": 0, "train_turns": 0, "losses": []}
         self.edit_stats = {"skipped_nonfinite": 0}
@@ -168,42 +169,63 @@ class Editor:
             net.norm.update(torch.cat([cache.keys[name], cache.grads[name]], dim=-1))
 
     # ------------------------------------------------------------------ shift rule (ridge by default)
-    def values(self, step: int, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        """Per-token value changes ``v_i = −lr·⟨k_i, k̃_i⟩·g̃_i`` (spec §6.5), in chunks."""
-        net: HyperNet = self.nets[step][self.group_of[name]]
-        idx = self.index_of[name]
+    def _group_rows(self, group: str, cache: StepCache) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The group's modules, and their key and gradient rows stacked with each row's module index."""
+        names = self.groups[group]
+        keys = torch.cat([cache.keys[n] for n in names])
+        grads = torch.cat([cache.grads[n] for n in names])
+        idx = torch.cat([torch.full((cache.keys[n].shape[0],), self.index_of[n], dtype=torch.long)
+                         for n in names]).to(keys.device)
+        return names, keys, grads, idx
+
+    def values(self, step: int, group: str, keys: torch.Tensor, grads: torch.Tensor,
+               idx: torch.Tensor) -> torch.Tensor:
+        """Per-token value changes ``v_i = −lr_m·⟨k_i, k̃_i⟩·g̃_i`` (spec §6.5), in chunks of rows.
+
+        Rows of all modules of one shape group pass through its network together; ``idx`` holds
+        each row's module, which selects that module's scale, shift and learning rate.
+        """
+        net: HyperNet = self.nets[step][group]
         out = []
         for start in range(0, keys.shape[0], self.hp.chunk_size):
-            k = keys[start:start + self.hp.chunk_size]
-            g = grads[start:start + self.hp.chunk_size]
-            pk, pg = net(k, g, idx)
-            out.append(-net.module_lr(idx) * (k * pk).sum(-1, keepdim=True) * pg)
+            sl = slice(start, start + self.hp.chunk_size)
+            k, g = keys[sl], grads[sl]
+            pk, pg = net(k, g, idx[sl])
+            lr = net.lr.weight[idx[sl]]  # rows × 1
+            out.append(-lr * (k * pk).sum(-1, keepdim=True) * pg)
         return torch.cat(out) if out else keys.new_zeros(0, grads.shape[1])
 
     def predict(self, step: int, cache: StepCache) -> Shifts:
         """Weight shifts (d_in × d_out) of every edited module for one step, without grad."""
         shifts = {}
         with torch.no_grad():
-            for name in self.modules:
-                net: HyperNet = self.nets[step][self.group_of[name]]
-                v = self.values(step, name, cache.keys[name], cache.grads[name])
-                lam = net.module_lamda(self.index_of[name])
-                shifts[name] = ridge_shift(cache.keys[name], v, lam, self.hp.solver)
-        return shifts
+            for group in self.groups:
+                net: HyperNet = self.nets[step][group]
+                names, keys, grads, idx = self._group_rows(group, cache)
+                values = self.values(step, group, keys, grads, idx).split(
+                    [cache.keys[n].shape[0] for n in names])
+                for name, v in zip(names, values):
+                    lam = net.module_lamda(self.index_of[name])
+                    shifts[name] = ridge_shift(cache.keys[name], v, lam, self.hp.solver)
+        return {name: shifts[name] for name in self.modules}
 
     def accumulate_metagrad(self, step: int, cache: StepCache, shifts: Shifts, gammas: Shifts) -> None:
         """Add the hypernetwork gradient of L given Γ = ∂L/∂ΔW per module (spec §6.6)."""
-        for name in self.modules:
-            net: HyperNet = self.nets[step][self.group_of[name]]
-            idx = self.index_of[name]
-            keys, grads = cache.keys[name], cache.grads[name]
-            lam = net.module_lamda(idx)
-            dv, dlam = ridge_metagrad(keys, shifts[name], gammas[name], lam.detach(), self.hp.solver)
+        for group in self.groups:
+            net: HyperNet = self.nets[step][group]
+            names, keys, grads, idx = self._group_rows(group, cache)
+            dvs, lam_term = [], None
+            for name in names:
+                lam = net.module_lamda(self.index_of[name])
+                dv, dlam = ridge_metagrad(cache.keys[name], shifts[name], gammas[name], lam.detach(),
+                                          self.hp.solver)
+                dvs.append(dv)
+                lam_term = dlam * lam if lam_term is None else lam_term + dlam * lam
+            dv_all = torch.cat(dvs)
             for start in range(0, keys.shape[0], self.hp.chunk_size):
                 sl = slice(start, start + self.hp.chunk_size)
-                v = self.values(step, name, keys[sl], grads[sl])
-                (dv[sl] * v).sum().backward()
-            (dlam * lam).backward()
+                (dv_all[sl] * self.values(step, group, keys[sl], grads[sl], idx[sl])).sum().backward()
+            lam_term.backward()
 
     # ------------------------------------------------------------------ applying shifts
     def apply(self, shifts: Shifts, sign: int = 1) -> None:
@@ -212,7 +234,9 @@ class Editor:
             add_shift(self.modules[name], delta, sign)
 
     def _all_finite(self, tensors: Iterable[torch.Tensor]) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        # max and min propagate NaN and are ±inf when any entry is; cheaper than isfinite(t).all()
+        # on the hypernetworks' tens of millions of gradient entries (no boolean copy).
+        return all(bool(torch.isfinite(t.amax()) & torch.isfinite(t.amin())) for t in tensors if t.numel())
 
     def _nonfinite(self, where: str, stats: dict) -> None:
         stats["skipped_nonfinite"] += 1

@@ -237,11 +237,15 @@ def unedited_inputs(wildcards):
 
 
 def run_inputs(wildcards):
-    """Inputs of one experiment cell: its edit order, the shared unedited scores, model and data."""
+    """Inputs of one experiment cell: its edit order, the shared unedited scores and lower-layer
+    activations, model and data."""
     n = n_from_cell(wildcards)
     return {
         "order": grid.ORDER_PATTERN.format(dataset=wildcards.dataset, n=n, seed=wildcards.seed),
         "pre": grid.PRE_PATTERN.format(
+            dataset=wildcards.dataset, model=wildcards.model, n=n, edits=wildcards.edits, seed=wildcards.seed
+        ),
+        "prefix": grid.PREFIX_PATTERN.format(
             dataset=wildcards.dataset, model=wildcards.model, n=n, edits=wildcards.edits, seed=wildcards.seed
         ),
         "model": model_dir(wildcards.model),

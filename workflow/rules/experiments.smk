@@ -1,5 +1,6 @@
 # Stage 3: the unedited model's scores on each seeded edit order (computed once, shared by every
-# cell with that dataset, model, number of edits, edits per turn and seed), then one job per cell.
+# cell with that dataset, model, number of edits, edits per turn and seed), with the activations of
+# the layers no edit changes on those requests (replayed by the cells), then one job per cell.
 
 
 rule evaluate_unedited:
@@ -8,10 +9,12 @@ rule evaluate_unedited:
     input:
         unpack(unedited_inputs),
     output:
-        "results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.json",
+        pre="results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.json",
+        prefix="results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.prefix.safetensors",
     params:
         model=model_arg,
         dataset=dataset_arg,
+        prefix_mb=config["share_prefix_mb"],
     log:
         "logs/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.log",
     benchmark:
@@ -22,8 +25,8 @@ rule evaluate_unedited:
     shell:
         "python -m emsedit evaluate --model {params.model} --dataset {params.dataset}"
         " --n {wildcards.n} --edits {wildcards.edits} --seed {wildcards.seed} --order {input.order}"
-        " --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " --threads {threads} --prefix-out {output.prefix} --prefix-max-mb {params.prefix_mb}"
+        " --out {output.pre} > {log} 2>&1"
 
 
 rule run_cell:
@@ -49,5 +52,6 @@ rule run_cell:
         "python -m emsedit run --editor {wildcards.editor} --model {params.model}"
         " --dataset {params.dataset} --protocol {wildcards.protocol} --turns {wildcards.turns}"
         " --edits {wildcards.edits} --steps {wildcards.steps} --loss {wildcards.loss}"
-        " --seed {wildcards.seed} --order {input.order} --pre {input.pre} --threads {threads}"
+        " --seed {wildcards.seed} --order {input.order} --pre {input.pre} --prefix-in {input.prefix}"
+        " --threads {threads}"
         " --checkpoint-dir {params.checkpoints} {params.options} --out {output} > {log} 2>&1"

@@ -40,6 +40,8 @@ ORDER_PATTERN = "results/orders/{dataset}/n{n}_seed{seed}.json"
 # The unedited scores depend on how requests are grouped into turns (mini-batching follows turns),
 # so they are keyed by edits per turn as well as by the number of requests.
 PRE_PATTERN = "results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.json"
+# Beside it, the unedited lower layers' activations on those requests, replayed by the cells.
+PREFIX_PATTERN = "results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.prefix.safetensors"
 
 # Keys a grid entry may set; each takes a scalar or a list (lists are crossed).
 GRID_KEYS = (
@@ -85,6 +87,11 @@ class Cell:
     @property
     def pre_path(self) -> str:
         return PRE_PATTERN.format(dataset=self.dataset, model=self.model, n=self.n, edits=self.edits, seed=self.seed)
+
+    @property
+    def prefix_path(self) -> str:
+        return PREFIX_PATTERN.format(dataset=self.dataset, model=self.model, n=self.n, edits=self.edits,
+                                     seed=self.seed)
 
 
 def _as_list(value: Any) -> list:
