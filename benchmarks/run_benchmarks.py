@@ -1,11 +1,13 @@
 """Speed and memory benchmark of the editors on the offline model; writes its numbers to a JSON file.
 
-For each benchmark cell it runs, in a fresh process, one experiment cell exactly as the command line
-does (meta-train, edit, evaluate; the unedited scores come from a shared ``evaluate`` record, as in
-the workflow), then, in the same process, times the bare transformer passes that this cell cannot
-avoid: forward + backward on the edit prompts at every step, forward + backward for the edit loss,
-the KL passes of KL-trained editors, and the forward passes of the final evaluation. It reports the
-run's wall time split by phase, its peak RSS and the ratio run / bare passes.
+For each benchmark cell it runs, in a fresh process, one experiment cell exactly as the workflow
+does (meta-train, edit, evaluate; the unedited scores and the unedited lower layers' activations on
+the eval requests come from a shared ``evaluate --prefix-out`` job, timed separately and reported as
+``shared_evaluate_s``), then, in the same process, times the bare transformer passes of a plain run:
+forward + backward on the edit prompts at every step, forward + backward for the edit loss, the KL
+passes of KL-trained editors, and full forward passes for the final evaluation. It reports the run's
+wall time split by phase, its peak RSS, the ratio run / bare passes, and run + shared evaluation
+(what one cell costs when nothing else shares that evaluation job).
 
     python benchmarks/run_benchmarks.py --out benchmarks/results/benchmarks.json
 """
@@ -104,9 +106,13 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
     """Run one benchmark cell in this process and measure its bare passes."""
     from emsedit.protocols import CellOptions, load_editor, run_cell
 
+    shape = f"{cell['turns']}x{cell['edits']}"
     opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, protocol=cell["protocol"],
                        turns=cell["turns"], edits=cell["edits"], threads=args.threads,
-                       pre_record=str(Path(args.workdir) / f"pre_{cell['turns']}x{cell['edits']}.json"))
+                       pre_record=str(Path(args.workdir) / f"pre_{shape}.json"),
+                       prefix_in=str(Path(args.workdir) / f"pre_{shape}.prefix.safetensors"))
+    shared_t = json.loads(Path(opts.pre_record).read_text())["timings"]
+    shared_s = shared_t["total"] - shared_t.get("load_model", 0.0)
     hp = load_editor(cell["editor"], {"steps": cell["steps"]})
     start = time.perf_counter()
     record = run_cell(hp, opts)
@@ -117,6 +123,8 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
     post, pre = record["metrics"]["post"], record["metrics"]["pre"]
     return {
         "cell": cell["id"], "wall_s": round(wall, 2), "run_s_excl_load": round(run_s, 2),
+        "shared_evaluate_s": round(shared_s, 2), "run_plus_shared_s": round(run_s + shared_s, 2),
+        "prefix_activations": record["config"].get("prefix_activations"),
         "timings": t, "peak_rss_mb": record["peak_rss_mb"], "bare_passes_s": bare,
         "ratio_to_bare": round(run_s / bare["total"], 3) if bare["total"] else None,
         "authors_s": cell["authors_s"],
@@ -149,9 +157,10 @@ def main() -> int:
     results = []
     for shape in sorted({(c["turns"], c["edits"]) for c in cells}):
         pre = Path(args.workdir) / f"pre_{shape[0]}x{shape[1]}.json"
-        if not pre.exists():
+        prefix = pre.with_suffix(".prefix.safetensors")
+        if not (pre.exists() and prefix.exists()):
             opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, turns=shape[0],
-                               edits=shape[1], threads=args.threads)
+                               edits=shape[1], threads=args.threads, prefix_out=str(prefix))
             write_json_atomic(pre, evaluate_cell(opts))
     for cell in cells:
         cmd = [sys.executable, __file__, "--one", cell["id"], "--model", args.model, "--dataset", args.dataset,
@@ -162,8 +171,9 @@ def main() -> int:
             return proc.returncode
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"{r['cell']}: run {r['run_s_excl_load']} s (bare passes {r['bare_passes_s']['total']} s, "
-              f"ratio {r['ratio_to_bare']}), peak {r['peak_rss_mb']} MB, authors {r['authors_s']}", flush=True)
+        print(f"{r['cell']}: run {r['run_s_excl_load']} s (+ shared evaluation {r['shared_evaluate_s']} s; "
+              f"bare passes {r['bare_passes_s']['total']} s, ratio {r['ratio_to_bare']}), "
+              f"peak {r['peak_rss_mb']} MB, authors {r['authors_s']}", flush=True)
     import platform
 
     import torch
