@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -214,6 +215,8 @@ class CellOptions:
         for key in ("turns", "edits"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not (math.isfinite(self.prefix_max_mb) and self.prefix_max_mb >= 0):
+            raise ConfigError(f"--prefix-max-mb must be a finite number >= 0, got {self.prefix_max_mb}")
 
 
 def _setup(opts: CellOptions) -> tuple[ModelConfig, Any, Any, dict[str, torch.nn.Module], float]:

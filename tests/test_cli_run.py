@@ -248,6 +248,16 @@ def test_shared_prefix_over_the_size_limit_is_written_empty(env, upper_only, tmp
     assert prefix.exists() and load_file(prefix) == {}
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_shared_prefix_size_limit_must_be_finite(env, upper_only, tmp_path, capsys, value):
+    pre, prefix = tmp_path / "pre.json", tmp_path / "pre.prefix.safetensors"
+    capsys.readouterr()
+    assert cli.main(_evaluate_args(env, upper_only, pre, prefix, "--prefix-max-mb", value)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prefix-max-mb" in err[0], err
+    assert not pre.exists() and not prefix.exists()
+
+
 def test_shared_prefix_of_another_model_is_refused(env, upper_only, tmp_path, capsys):
     other = yaml.safe_load(Path(upper_only).read_text())
     other["name_or_path"] = str(Path(save_tiny_model(tmp_path / "other", style="llama", seed=1)).parent)
