@@ -5,7 +5,9 @@ does (meta-train, edit, evaluate; the unedited scores and the unedited lower lay
 the eval requests come from a shared ``evaluate --prefix-out`` job, timed separately and reported as
 ``shared_evaluate_s``), then, in the same process, times the bare transformer passes of a plain run:
 forward + backward on the edit prompts at every step, forward + backward for the edit loss, the KL
-passes of KL-trained editors, and full forward passes for the final evaluation. It reports the run's
+passes of KL-trained editors, and full forward passes for the final evaluation, one pass per LM
+mini-batch as a plain implementation runs them (the run itself joins mini-batches into passes of
+``PASS_ROWS`` prompts and reuses the unedited lower layers, so it can be faster than these). It reports the run's
 wall time split by phase, its peak RSS, the ratio run / bare passes, and run + shared evaluation
 (what one cell costs when nothing else shares that evaluation job).
 

@@ -228,21 +228,28 @@ def evaluate_turns(
     """
     from tqdm.auto import tqdm
 
-    from emsedit.models import answer_forward
+    from emsedit.data import passes
+    from emsedit.models import answer_forward_many
+    from emsedit.prefix_cache import warm
 
     _check_kind(kind)
     scores: dict[str, list[float]] = {"edit": [], "equiv": [], "unrel": []}
-    jobs = [(name, batch) for turn in turns for name in scores for batch in getattr(turn, name)]
     device = _model_device(model)
+    # one turn's mini-batches of one kind: lower layers warmed together, then passes of several
+    lists = [(name, [b.to(device) for b in getattr(turn, name)]) for turn in turns for name in scores]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            bar = tqdm(jobs, desc="evaluate", unit="batch", disable=None if progress else True,
-                       file=sys.stderr, leave=False)
-            for name, batch in bar:
-                logits, scored = answer_forward(model, batch.to(device))
-                scores[name].extend(score_batch(logits, scored, kind, quirks=quirks))
+            bar = tqdm(total=sum(len(batches) for _, batches in lists), desc="evaluate", unit="batch",
+                       disable=None if progress else True, file=sys.stderr, leave=False)
+            for name, batches in lists:
+                warm(model, batches)
+                for group in passes(batches):
+                    for logits, scored in answer_forward_many(model, group):
+                        scores[name].extend(score_batch(logits, scored, kind, quirks=quirks))
+                    bar.update(len(group))
+            bar.close()
     finally:
         model.train(was_training)
     return summarize(scores["edit"], scores["equiv"], scores["unrel"], kind, quirks)

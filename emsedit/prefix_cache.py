@@ -5,7 +5,14 @@ Edits only touch modules inside layers ``L..`` of the model's layer list, so the
 wraps a causal LM: the first forward pass of a mini-batch records that output; later passes of the
 same mini-batch (the second MSBP step's caching, the edit loss of the step after, the evaluation after
 editing) run layers ``0..L−1`` as stand-ins that return the recorded tensor, so only layers ``L..``
-and the output head are computed. Results are identical to the plain model's.
+and the output head are computed.
+
+:meth:`PrefixCachedModel.warm` computes those lower layers for a list of mini-batches ahead of use,
+``PASS_ROWS`` prompts per pass (right-padded to the widest; causal attention makes the extra padding
+invisible to earlier positions). On two CPU cores a pass over 32 prompts costs ~22 ms per prompt
+against ~38 ms in passes of 4. The numbers agree with one pass per mini-batch to float rounding
+(~1e-5), not bit for bit; every code path warms the same lists the same way (one turn's mini-batches
+of one kind), so a run is bit-for-bit reproducible, with or without shared activations.
 
 Mini-batches are recognised by the identity of their ``input_ids`` tensor (turns are collated once
 per run). The cache keeps at most ``max_bytes`` of activations; beyond that it stops recording.
@@ -20,14 +27,18 @@ edit and evaluate the same seeded requests (:func:`load_shared`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-SHARED_FORMAT = "emsedit-prefix-activations/1"
+from emsedit.data import passes
+
+SHARED_FORMAT = "emsedit-prefix-activations/2"  # /2: lower layers computed in passes of PASS_ROWS prompts
 
 
 def find_layer_list(model: nn.Module, module_names: list[str]) -> tuple[nn.ModuleList, int] | None:
@@ -93,6 +104,7 @@ class PrefixCachedModel(nn.Module):
         self._keys: dict[int, str] = {}  # id(input_ids) -> content key, for export
         self._preloaded: dict[str, torch.Tensor] = {}
         self._bytes = 0
+        self._recording = True  # False while a joined pass runs without recorded pieces
         self.hits = 0
         self.preloaded_hits = 0
 
@@ -112,6 +124,102 @@ class PrefixCachedModel(nn.Module):
             for i, layer in enumerate(original):
                 self.layers[i] = layer
 
+    def _lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
+        """The recorded (or preloaded) lower-layer output of this mini-batch, or None."""
+        entry = self._cache.get(id(input_ids))
+        if entry is not None and entry[0] is input_ids:
+            return entry[1]
+        if self._preloaded:
+            key = content_key(input_ids, attention_mask)
+            shared = self._preloaded.get(key)
+            if shared is not None:
+                self.preloaded_hits += 1
+                shared = shared.to(input_ids.device)
+                self._cache[id(input_ids)] = (input_ids, shared)
+                self._keys[id(input_ids)] = key
+                self._bytes += _nbytes(shared)
+                return shared
+        return None
+
+    def warm(self, batches: Sequence[Any]) -> None:
+        """Compute the lower layers of the mini-batches not yet known, in passes of ``PASS_ROWS`` prompts.
+
+        ``batches`` are LM mini-batches (``input_ids``, ``attention_mask``). The passes are the
+        consecutive groups of :func:`emsedit.data.passes` over the whole list, whatever is already
+        known, so a mini-batch's numbers depend only on the list it was warmed in.
+        """
+        if not self.enabled:
+            return
+        for chunk in passes(batches):
+            known = [self._lookup(b.input_ids, b.attention_mask) is not None for b in chunk]
+            if not all(known):
+                self._record_lower(chunk, known)
+
+    @contextmanager
+    def joined(self, input_ids: torch.Tensor, batches: Sequence[Any]) -> Iterator[None]:
+        """Replay the mini-batches' lower layers in a pass over their row-wise concatenation.
+
+        ``input_ids`` is that concatenation (right-padded to its width); the lower-layer outputs of
+        the mini-batches are padded with zeros to that width (padding is masked from attention).
+        """
+        if not self.enabled:
+            yield
+            return
+        self.warm(batches)
+        pieces = [self._lookup(b.input_ids, b.attention_mask) for b in batches]
+        if any(not isinstance(p, torch.Tensor) for p in pieces):  # not recorded (cache full): plain pass
+            self._recording, recording = False, self._recording
+            try:
+                yield
+            finally:
+                self._recording = recording
+            return
+        width = input_ids.shape[1]
+        joined = torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in pieces])
+        self._cache[id(input_ids)] = (input_ids, joined)
+        try:
+            yield
+        finally:
+            del self._cache[id(input_ids)]
+
+    def _record_lower(self, chunk: list[Any], known: list[bool]) -> None:
+        """One pass of layers ``0..L−1`` over the chunk's mini-batches; store the unknown ones."""
+        if self._bytes >= self.max_bytes:
+            return
+        width = max(b.input_ids.shape[1] for b in chunk)
+        ids = torch.cat([F.pad(b.input_ids, (0, width - b.input_ids.shape[1])) for b in chunk])
+        mask = torch.cat([F.pad(b.attention_mask, (0, width - b.attention_mask.shape[1])) for b in chunk])
+        recorded: list[Any] = []
+
+        def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            recorded.append(output)
+            raise _LowerLayersDone
+
+        handle = self.layers[self.lowest - 1].register_forward_hook(stop)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        except _LowerLayersDone:
+            pass
+        finally:
+            handle.remove()
+        hidden = recorded[0] if recorded else None
+        if isinstance(hidden, tuple) and hidden and all(o is None for o in hidden[1:]):
+            hidden = hidden[0]
+        if not isinstance(hidden, torch.Tensor):
+            return  # an unusual layer output: leave these mini-batches to the recording forward
+        row = 0
+        for b, seen in zip(chunk, known):
+            n, w = b.input_ids.shape
+            if not seen:
+                self._store(b.input_ids, b.attention_mask, _detach(hidden[row:row + n, :w]))
+            row += n
+
+    def _store(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, output: Any) -> None:
+        self._cache[id(input_ids)] = (input_ids, output)
+        self._keys[id(input_ids)] = content_key(input_ids, attention_mask)
+        self._bytes += _nbytes(output)
+
     def export(self) -> dict[str, torch.Tensor]:
         """The recorded activations (tensor outputs only) keyed by mini-batch content."""
         out = {}
@@ -127,21 +235,12 @@ class PrefixCachedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         if not self.enabled:
             return self.model(input_ids=input_ids, **kwargs)
-        entry = self._cache.get(id(input_ids))
-        if entry is None and self._preloaded:
-            key = content_key(input_ids, kwargs.get("attention_mask"))
-            shared = self._preloaded.get(key)
-            if shared is not None:
-                self.preloaded_hits += 1
-                entry = (input_ids, shared.to(input_ids.device))
-                self._cache[id(input_ids)] = entry
-                self._keys[id(input_ids)] = key
-                self._bytes += _nbytes(shared)
-        if entry is not None and entry[0] is input_ids:
+        output = self._lookup(input_ids, kwargs.get("attention_mask"))
+        if output is not None:
             self.hits += 1
-            with self._replaying(entry[1]):
+            with self._replaying(output):
                 return self.model(input_ids=input_ids, **kwargs)
-        if self._bytes >= self.max_bytes:
+        if self._bytes >= self.max_bytes or not self._recording:
             return self.model(input_ids=input_ids, **kwargs)
         recorded: list[Any] = []
         handle = self.layers[self.lowest - 1].register_forward_hook(
@@ -151,10 +250,18 @@ class PrefixCachedModel(nn.Module):
         finally:
             handle.remove()
         if recorded:
-            self._cache[id(input_ids)] = (input_ids, recorded[0])
-            self._keys[id(input_ids)] = content_key(input_ids, kwargs.get("attention_mask"))
-            self._bytes += _nbytes(recorded[0])
+            self._store(input_ids, kwargs.get("attention_mask"), recorded[0])
         return result
+
+
+class _LowerLayersDone(Exception):
+    """Raised by :meth:`PrefixCachedModel.warm`'s hook to stop a pass after the lower layers."""
+
+
+def warm(model: nn.Module, batches: Sequence[Any]) -> None:
+    """:meth:`PrefixCachedModel.warm` when ``model`` is one; nothing otherwise."""
+    if isinstance(model, PrefixCachedModel):
+        model.warm(batches)
 
 
 def content_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:

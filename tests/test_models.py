@@ -20,6 +20,7 @@ from emsedit.models import (
     ModelNotMaterializedError,
     ModuleResolutionError,
     add_shift,
+    answer_forward,
     expand_pattern,
     grad_in_out,
     load_model,
@@ -31,7 +32,12 @@ from emsedit.models import (
     weight_in_out,
     weight_shape,
 )
-from emsedit.tiny import make_tiny_gpt2, make_tiny_llama, make_tokenizer, save_tiny_model
+from emsedit.tiny import (
+    make_tiny_gpt2,
+    make_tiny_llama,
+    make_tokenizer,
+    save_tiny_model,
+)
 
 torch.set_num_threads(1)
 
@@ -62,6 +68,32 @@ def gpt2_64(gpt2_tok):
 @pytest.fixture(params=["llama", "gpt2"])
 def model_and_patterns(request, llama64, gpt2_64):
     return (llama64, LLAMA_EDIT) if request.param == "llama" else (gpt2_64, GPT2_EDIT)
+
+
+# ------------------------------------------------------------------------------ answer-position logits
+
+def test_answer_forward_matches_full_logits_at_scored_positions(model_and_patterns):
+    """Logits come only from answer positions, yet equal the full model's there, gradients included."""
+    from emsedit.data import EditRequest, make_turn
+
+    model, patterns = model_and_patterns
+    tok = make_tokenizer("llama" if "layers" in patterns[0] else "gpt2")
+    reqs = [EditRequest(i, "the colour of item " + "very " * i + "big is", "red and blue" if i % 2 else "red",
+                        None, ("x",), ("y",), "z", None) for i in range(5)]
+    batch = make_turn(reqs, tok, split="eval", lm_batch_size=5).edit[0]
+    module = next(iter(resolve_modules(model, patterns).values()))
+    logits, scored = answer_forward(model, batch)
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    first = batch.labels.shape[1] - scored.labels.shape[1]
+    rows = scored.labels != -100
+    assert rows.sum() > 0 and (~rows).sum() > 0  # some kept positions are not scored
+    torch.testing.assert_close(logits[rows], full[:, first:][rows])
+    assert (logits[~rows] == 0).all()
+    logits[rows].square().sum().backward()
+    fast = module.weight.grad.clone()
+    module.weight.grad = None
+    full[:, first:][rows].square().sum().backward()
+    torch.testing.assert_close(fast, module.weight.grad)
 
 
 # ------------------------------------------------------------------------------ patterns / resolution

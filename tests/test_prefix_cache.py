@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from emsedit.data import EditRequest, make_turn
-from emsedit.models import add_shift, answer_forward, resolve_modules, weight_shape
+from emsedit.losses import cross_entropy
+from emsedit.models import (
+    add_shift,
+    answer_forward,
+    answer_forward_many,
+    resolve_modules,
+    weight_shape,
+)
 from emsedit.prefix_cache import PrefixCachedModel, find_layer_list
 from emsedit.tiny import make_tiny_gpt2, make_tiny_llama, make_tokenizer
 
@@ -39,18 +47,18 @@ def _check(model, names, tok) -> None:
     answer_forward(cached, fresh)[0].sum().backward()
 
 
-def test_llama_replay_matches_plain_model() -> None:
-    tok = make_tokenizer("llama")
-    model = make_tiny_llama(tok, seed=1, n_layers=3, dtype=torch.float64)
-    _check(model, ["model.layers.2.mlp.down_proj"], tok)
-
-
-def test_gpt2_replay_matches_plain_model() -> None:
-    tok = make_tokenizer("gpt2")
+def _tiny(style: str, seed: int):
+    """A float64 three-layer model of the style, its upper layer's edited module and its tokenizer."""
+    tok = make_tokenizer(style)
+    if style == "llama":
+        return make_tiny_llama(tok, seed=seed, n_layers=3, dtype=torch.float64), ["model.layers.2.mlp.down_proj"], tok
     tok.pad_token = tok.pad_token or tok.eos_token or tok.convert_ids_to_tokens(0)
-    model = make_tiny_gpt2(tok, seed=1, n_layers=3)
-    model.double()
-    _check(model, ["transformer.h.2.mlp.c_proj"], tok)
+    return make_tiny_gpt2(tok, seed=seed, n_layers=3).double(), ["transformer.h.2.mlp.c_proj"], tok
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_replay_matches_plain_model(style) -> None:
+    _check(*_tiny(style, seed=1))
 
 
 def test_disabled_when_the_lowest_layer_is_edited() -> None:
@@ -58,3 +66,57 @@ def test_disabled_when_the_lowest_layer_is_edited() -> None:
     model = make_tiny_llama(tok, n_layers=2)
     assert find_layer_list(model, ["model.layers.0.mlp.down_proj"]) is None
     assert not PrefixCachedModel(model, ["model.layers.0.mlp.down_proj"]).enabled
+
+
+def _warm_check(model, names, tok) -> None:
+    reqs = [EditRequest(i, "the colour of item " + "very " * (i % 4) + f"{i} is", "red", None, ("x",),
+                        ("y",), "z", None) for i in range(11)]
+    batches = make_turn(reqs, tok, split="eval", lm_batch_size=3).edit  # widths differ: padding
+    assert len({b.input_ids.shape[1] for b in batches}) > 1
+    cached = PrefixCachedModel(model, names)
+    cached.warm(batches)
+    assert len(cached._cache) == len(batches)  # one pass (11 prompts <= PASS_ROWS) stored per batch
+    for b in batches:
+        out = answer_forward(cached, b)[0]
+        torch.testing.assert_close(out, answer_forward(model, b)[0])  # equal up to float rounding
+        out.sum().backward()
+    assert cached.hits == len(batches)
+    assert all(m.weight.grad is not None for m in resolve_modules(model, names).values())
+    again = PrefixCachedModel(model, names)  # the same list warmed again: the same numbers, exactly
+    again.warm(batches)
+    for b in batches:
+        torch.testing.assert_close(again._cache[id(b.input_ids)][1], cached._cache[id(b.input_ids)][1],
+                                   rtol=0, atol=0)
+    cached.warm(batches)  # known batches are not computed again
+    assert len(cached._cache) == len(batches)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_warm_computes_lower_layers_in_one_pass(style) -> None:
+    _warm_check(*_tiny(style, seed=2))
+
+
+def test_joined_pass_equals_one_pass_per_mini_batch() -> None:
+    """answer_forward_many: each mini-batch's logits, labels and gradient as from its own pass."""
+    tok = make_tokenizer("llama")
+    model = make_tiny_llama(tok, seed=3, n_layers=3, dtype=torch.float64)
+    names = ["model.layers.2.mlp.down_proj"]
+    module = resolve_modules(model, names)[names[0]]
+    reqs = [EditRequest(i, "item " + "very " * (i % 5) + f"{i} is", "red" if i % 3 else "dark red", None,
+                        ("x",), ("y",), "z", None) for i in range(10)]
+    batches = make_turn(reqs, tok, split="eval", lm_batch_size=3).edit
+    assert len({b.input_ids.shape[1] for b in batches}) > 1
+    alone = [answer_forward(model, b) for b in batches]
+    sum(cross_entropy(lg, s.labels) for lg, s in alone).backward()
+    expected_grad, module.weight.grad = module.weight.grad.clone(), None
+    cached = PrefixCachedModel(model, names)
+    for wrapped in (model, cached):
+        joined = answer_forward_many(wrapped, batches)
+        for (lg, s), (lg0, s0) in zip(joined, alone):
+            assert lg.shape == lg0.shape
+            assert torch.equal(s.labels, s0.labels)
+            torch.testing.assert_close(lg, lg0.detach())
+        sum(cross_entropy(lg, s.labels) for lg, s in joined).backward()
+        torch.testing.assert_close(module.weight.grad, expected_grad)
+        module.weight.grad = None
+    assert cached.hits == 1 and len(cached._cache) == len(batches)  # the joined pass replayed them

@@ -19,19 +19,32 @@ UltraEdit) replace the shift rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from emsedit.data import LMBatch, Turn
+from emsedit.data import LMBatch, Turn, passes
 from emsedit.hparams import EditorHParams
 from emsedit.hypernet import HyperNet, step_ranks
-from emsedit.losses import answer_log_probs, cross_entropy, kl_locality, l2_weight_change_grad
-from emsedit.models import (add_shift, answer_forward, grad_in_out, restore_weights, snapshot_weights,
-                            weight_shape)
+from emsedit.losses import (
+    answer_log_probs,
+    cross_entropy,
+    kl_locality,
+    l2_weight_change_grad,
+)
+from emsedit.models import (
+    add_shift,
+    answer_forward_many,
+    grad_in_out,
+    joined_rows,
+    restore_weights,
+    snapshot_weights,
+    weight_shape,
+)
+from emsedit.prefix_cache import warm
 from emsedit.shifts import ridge_metagrad, ridge_shift
 from emsedit.timing import PhaseTimer
 from emsedit.tracing import Tracer
@@ -146,13 +159,14 @@ class Editor:
         keys: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         grads: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         rows = []
-        for batch in turn.edit:
+        warm(self.model, turn.edit)
+        for group in passes(turn.edit):
             with Tracer(self.modules) as tracer:
-                logits, scored = answer_forward(self.model, batch)
-                loss = cross_entropy(logits, scored.labels)
-                mask = batch.labels != -100
+                outs = answer_forward_many(self.model, group)
+                loss = sum(cross_entropy(logits, scored.labels) for logits, scored in outs)
+                mask = joined_rows(group, "labels", -100) != -100
                 k, g = tracer.keys_and_grads(loss, mask)
-            rows.append(int(mask.sum()))
+            rows.extend(int((b.labels != -100).sum()) for b in group)
             for n in self.modules:
                 keys[n].append(k[n])
                 grads[n].append(g[n])
@@ -268,22 +282,23 @@ class Editor:
         for module in self.modules.values():
             module.weight.grad = None
 
-    def _answer(self, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at answer positions onward, and the labels cut to match."""
-        logits, scored = answer_forward(self.model, batch)
-        return logits, scored.labels
+    def _answers(self, batches: Sequence[LMBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Logits at answer positions onward and the labels cut to match, per mini-batch of one pass."""
+        return [(logits, scored.labels) for logits, scored in answer_forward_many(self.model, batches)]
 
     def reference_log_probs(self, batches: Sequence[LMBatch]) -> list[torch.Tensor]:
         """Answer-position log-probabilities at the current weights (the KL reference)."""
+        warm(self.model, batches)
         with torch.no_grad():
-            return [answer_log_probs(*self._answer(b)) for b in batches]
+            return [answer_log_probs(*answer) for group in passes(batches) for answer in self._answers(group)]
 
     def edit_loss(self, weighted: Sequence[tuple[Turn, float]]) -> float:
         """Σ over paraphrase mini-batches of CE (each a mean over its answer tokens), back-propagated."""
         total = 0.0
         for turn, weight in weighted:
-            for b in turn.equiv:
-                loss = weight * cross_entropy(*self._answer(b))
+            warm(self.model, turn.equiv)
+            for group in passes(turn.equiv):
+                loss = weight * sum(cross_entropy(*answer) for answer in self._answers(group))
                 if not torch.isfinite(loss):
                     return math.nan
                 loss.backward()
@@ -294,8 +309,13 @@ class Editor:
         """loc_coef · KL(reference ‖ edited) over locality mini-batches, back-propagated."""
         total = 0.0
         for (turn, weight), ref in zip(weighted, refs):
-            for b, r in zip(turn.unrel, ref):
-                loss = weight * self.hp.loc_coef * kl_locality(r, *self._answer(b))
+            warm(self.model, turn.unrel)
+            done = 0
+            for group in passes(turn.unrel):
+                answers = self._answers(group)
+                loss = weight * self.hp.loc_coef * sum(
+                    kl_locality(r, *answer) for r, answer in zip(ref[done:done + len(group)], answers))
+                done += len(group)
                 if not torch.isfinite(loss):
                     return math.nan
                 loss.backward()
