@@ -55,9 +55,10 @@ SCHEMAS: dict[str, str] = {
 
 IGNORE_INDEX = -100  # label value of positions that are not scored (spec §4.2)
 # Prompts per transformer pass: consecutive mini-batches are computed together up to this many rows
-# (each keeps its own loss normalisation). Passes of 4 prompts leave a 2-core CPU ~1.7x slower per
-# prompt, and the vocabulary projection reads its whole weight once per pass. Part of the numerics.
-PASS_ROWS = 32
+# (each keeps its own loss normalisation). On 2 CPU cores passes of 4 prompts cost ~38 ms per prompt,
+# of 16 ~24 ms, and the vocabulary projection reads its whole weight once per pass. 32 was no faster
+# per cell but held ~500 MB more at the peak (MALMEN² batch 256). Part of the numerics.
+PASS_ROWS = 16
 
 
 class DataError(ValueError):
@@ -638,8 +639,10 @@ def iter_batches(turns: Iterable[Turn]) -> Iterable[tuple[str, LMBatch]]:
                 yield kind, batch
 
 
-def passes(batches: Sequence[LMBatch], max_rows: int = PASS_ROWS) -> list[list[LMBatch]]:
-    """Consecutive mini-batches grouped into passes of at most ``max_rows`` prompts (at least one each)."""
+def passes(batches: Sequence[LMBatch], max_rows: int | None = None) -> list[list[LMBatch]]:
+    """Consecutive mini-batches grouped into passes of at most ``max_rows`` (default ``PASS_ROWS``)
+    prompts, at least one mini-batch each."""
+    max_rows = PASS_ROWS if max_rows is None else max_rows
     out: list[list[LMBatch]] = []
     rows = 0
     for b in batches:

@@ -1,7 +1,8 @@
 """Losses used in meta-training (spec §6.7, §7.5.4).
 
 ``cross_entropy`` and ``kl_locality`` work on logits that are already aligned with ``labels``
-(labels are pre-shifted, spec §4.2): position i of the logits predicts ``labels[i]``.
+(labels are pre-shifted, spec §4.2): position i of the logits predicts ``labels[i]``. They take a
+mini-batch's (batch × width × vocab) logits, or only its scored rows (rows × vocab, labels rows).
 """
 
 from __future__ import annotations
@@ -12,13 +13,21 @@ import torch.nn.functional as F
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-level cross-entropy, the mean over positions with ``labels != -100``."""
+    logits, labels = _scored(logits, labels)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _scored(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (rows × vocab) and labels at the scored positions; no copy when every row is scored."""
     mask = labels != -100
-    return F.cross_entropy(logits[mask].float(), labels[mask])
+    if logits.dim() == 2 and bool(mask.all()):
+        return logits, labels
+    return logits[mask], labels[mask]
 
 
 def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the vocabulary at the answer positions only (rows × vocab)."""
-    return F.log_softmax(logits[labels != -100].float(), dim=-1)
+    return F.log_softmax(_scored(logits, labels)[0].float(), dim=-1)
 
 
 def kl_locality(ref_log_probs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

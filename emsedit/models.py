@@ -434,16 +434,10 @@ def joined_rows(batches: Sequence[LMBatch], name: str, pad: int) -> torch.Tensor
                       for b in batches])
 
 
-def answer_forward_many(model: nn.Module, batches: Sequence[LMBatch]) -> list[tuple[torch.Tensor, LMBatch]]:
-    """:func:`answer_forward` of each mini-batch, computed in one pass over all of them.
-
-    The mini-batches are stacked row-wise (right padding is invisible to earlier positions under
-    causal attention) and each one's logits are a view of the pass's, of the shape a pass of its own
-    gives, so callers keep per-mini-batch losses and scores. Group mini-batches with
-    :func:`emsedit.data.passes`.
-    """
-    from dataclasses import replace
-
+def _joined_pass(model: nn.Module, batches: Sequence[LMBatch]) -> Iterator[tuple[LMBatch, int, torch.Tensor | None, torch.Tensor]]:
+    """One pass over the stacked mini-batches; yields, per mini-batch, (batch, first answer position,
+    its scored positions from there (None when the pass's logits are not compact), its logits): the
+    logits of its scored positions in row-major order, or its slice of the full logits."""
     from .prefix_cache import PrefixCachedModel
 
     one = len(batches) == 1
@@ -461,18 +455,47 @@ def answer_forward_many(model: nn.Module, batches: Sequence[LMBatch]) -> list[tu
     if compact and tuple(logits.shape[:-1]) != (int(rows.sum()),):
         raise RuntimeError(f"the model reshaped the output layer's logits to {tuple(logits.shape)}; "
                            "answer_forward expects one row per scored position")
-    out, row, done = [], 0, 0
+    row, done = 0, 0
     for b, f in zip(batches, firsts):
         n, w = b.input_ids.shape
-        if compact:  # zero logits of this mini-batch's shape, filled at its scored positions
+        if compact:
             mine = rows[row:row + n, f - first:w - first]
             count = int(mine.sum())
-            part = logits.new_zeros(n, w - f, logits.shape[-1])
-            part[mine] = logits[done:done + count]
+            yield b, f, mine, logits[done:done + count]
             done += count
         else:
-            part = logits[row:row + n, f - first:w - first]
-        old = None if b.old_labels is None else b.old_labels[:, f:]
-        out.append((part, replace(b, labels=b.labels[:, f:], old_labels=old)))
+            yield b, f, None, logits[row:row + n, f - first:w - first]
         row += n
+
+
+def answer_forward_many(model: nn.Module, batches: Sequence[LMBatch]) -> list[tuple[torch.Tensor, LMBatch]]:
+    """:func:`answer_forward` of each mini-batch, computed in one pass over all of them.
+
+    The mini-batches are stacked row-wise (right padding is invisible to earlier positions under
+    causal attention) and each one gets logits of the shape a pass of its own gives, so callers keep
+    per-mini-batch scores. Group mini-batches with :func:`emsedit.data.passes`.
+    """
+    from dataclasses import replace
+
+    out = []
+    for b, f, mine, logits in _joined_pass(model, batches):
+        if mine is not None:  # zero logits of this mini-batch's shape, filled at its scored positions
+            part = logits.new_zeros(*mine.shape, logits.shape[-1])
+            part[mine] = logits
+            logits = part
+        old = None if b.old_labels is None else b.old_labels[:, f:]
+        out.append((logits, replace(b, labels=b.labels[:, f:], old_labels=old)))
+    return out
+
+
+def answer_rows_many(model: nn.Module, batches: Sequence[LMBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per mini-batch of one joined pass: logits at its scored positions (rows × vocabulary) and their
+    labels, in row-major order. What the training losses need, without the zero-filled layout."""
+    out = []
+    for b, f, mine, logits in _joined_pass(model, batches):
+        labels = b.labels[:, f:]
+        if mine is None:
+            mine = labels != -100
+            logits = logits[mine]
+        out.append((logits, labels[mine]))
     return out

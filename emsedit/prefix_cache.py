@@ -9,7 +9,7 @@ and the output head are computed.
 
 :meth:`PrefixCachedModel.warm` computes those lower layers for a list of mini-batches ahead of use,
 ``PASS_ROWS`` prompts per pass (right-padded to the widest; causal attention makes the extra padding
-invisible to earlier positions). On two CPU cores a pass over 32 prompts costs ~22 ms per prompt
+invisible to earlier positions). On two CPU cores a pass over 16 prompts costs ~24 ms per prompt
 against ~38 ms in passes of 4. The numbers agree with one pass per mini-batch to float rounding
 (~1e-5), not bit for bit; every code path warms the same lists the same way (one turn's mini-batches
 of one kind), so a run is bit-for-bit reproducible, with or without shared activations.

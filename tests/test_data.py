@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from emsedit.data import DataError, EditRequest, EmptyTargetError, read_requests
 
@@ -246,3 +247,16 @@ def test_bad_arguments(tmp_path: Path) -> None:
         read_requests(path, "fever")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="zsre_target"):
         read_requests(path, "zsre", zsre_target="ans")  # type: ignore[arg-type]
+
+
+def test_passes_group_consecutive_mini_batches_up_to_the_row_limit():
+    from emsedit.data import LMBatch, passes
+
+    def batch(rows: int) -> LMBatch:
+        z = torch.zeros(rows, 3, dtype=torch.long)
+        return LMBatch(input_ids=z, attention_mask=z, labels=z)
+
+    sizes = [4, 4, 4, 4, 4, 20, 2, 3]
+    groups = passes([batch(n) for n in sizes], max_rows=16)
+    assert [[len(b) for b in g] for g in groups] == [[4, 4, 4, 4], [4], [20], [2, 3]]
+    assert passes([]) == []

@@ -37,7 +37,7 @@ from emsedit.losses import (
 )
 from emsedit.models import (
     add_shift,
-    answer_forward_many,
+    answer_rows_many,
     grad_in_out,
     joined_rows,
     restore_weights,
@@ -162,8 +162,7 @@ class Editor:
         warm(self.model, turn.edit)
         for group in passes(turn.edit):
             with Tracer(self.modules) as tracer:
-                outs = answer_forward_many(self.model, group)
-                loss = sum(cross_entropy(logits, scored.labels) for logits, scored in outs)
+                loss = sum(cross_entropy(*answer) for answer in answer_rows_many(self.model, group))
                 mask = joined_rows(group, "labels", -100) != -100
                 k, g = tracer.keys_and_grads(loss, mask)
             rows.extend(int((b.labels != -100).sum()) for b in group)
@@ -283,8 +282,8 @@ class Editor:
             module.weight.grad = None
 
     def _answers(self, batches: Sequence[LMBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Logits at answer positions onward and the labels cut to match, per mini-batch of one pass."""
-        return [(logits, scored.labels) for logits, scored in answer_forward_many(self.model, batches)]
+        """Logits at answer positions and their labels, per mini-batch of one joined pass."""
+        return answer_rows_many(self.model, batches)
 
     def reference_log_probs(self, batches: Sequence[LMBatch]) -> list[torch.Tensor]:
         """Answer-position log-probabilities at the current weights (the KL reference)."""
