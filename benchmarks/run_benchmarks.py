@@ -180,8 +180,11 @@ def main() -> int:
 
     import torch
 
+    from emsedit.records import git_commit
+
     write_json_atomic(args.out, {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
                                              "torch": torch.__version__, "threads": args.threads},
+                                 "git_commit": git_commit(),
                                  "results": results})
     return 0
 
