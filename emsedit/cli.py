@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve", action="store_true", help="also evaluate after every turn (slow)")
     p.add_argument("--checkpoint-dir", help="save resumable state here; a rerun resumes from it")
     p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default: 60; 0 = every turn)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep the resumable state after the record is written (default: remove it; "
+                        "a MALMEN state is ~0.3 GB)")
     return parser
 
 
@@ -178,7 +181,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     hp = protocols.load_editor(args.editor, overrides)
-    write_record(args.out, protocols.run_cell(hp, _cell_options(args)))
+    opts = _cell_options(args)
+    record = protocols.run_cell(hp, opts)
+    write_record(args.out, record)
+    if not getattr(args, "keep_checkpoint", False):
+        protocols.discard_checkpoint(opts, record["config"])  # only once the record is on disk
     return 0
 
 

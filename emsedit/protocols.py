@@ -9,11 +9,13 @@ editing is the same with one turn (spec §5.3).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +317,16 @@ def _checkpoint_folder(opts: CellOptions, config: dict[str, Any]) -> Path | None
     key = json.dumps({k: v for k, v in config.items() if k not in ("threads", "prefix_activations")},
                      sort_keys=True, default=str)
     return Path(opts.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def discard_checkpoint(opts: CellOptions, config: dict[str, Any]) -> None:
+    """Remove a finished cell's resumable state, and ``--checkpoint-dir`` itself when left empty."""
+    folder = _checkpoint_folder(opts, config)
+    if folder is None:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
 
 
 class _Checkpointer:

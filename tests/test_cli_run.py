@@ -88,9 +88,17 @@ def reference_state(env, reference):
     run without checkpoints)."""
     out = env["root"] / "reference_ckpt.json"
     folder = env["root"] / "reference_ckpt"
-    assert cli.main(run_args(env, out, "--checkpoint-dir", str(folder), "--checkpoint-every", "0")) == 0
+    assert cli.main(run_args(env, out, "--checkpoint-dir", str(folder), "--checkpoint-every", "0",
+                            "--keep-checkpoint")) == 0
     assert strip(json.loads(out.read_text())) == strip(reference)
     return _final_state(folder)
+
+
+def test_checkpoint_removed_once_the_record_is_written(env, reference, tmp_path):
+    out, folder = tmp_path / "run.json", tmp_path / "ckpt"
+    assert cli.main(run_args(env, out, "--checkpoint-dir", str(folder), "--checkpoint-every", "0")) == 0
+    assert strip(json.loads(out.read_text())) == strip(reference)
+    assert not folder.exists()  # state and the then-empty folder are gone
 
 
 def _final_state(folder):
@@ -150,7 +158,7 @@ def test_resume_after_fault_equals_uninterrupted(env, reference, reference_state
 
     monkeypatch.setattr(Editor, "_train_rollout", rollout)
     monkeypatch.setattr(Editor, "edit_turn", edit)
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--keep-checkpoint"]) == 0  # kept, to compare the final state below
     assert done == ({"train": 2, "edit": 2} if fault_after == 1 else {"train": 0, "edit": 1})
     resumed = json.loads(out.read_text())
     for key in ("metrics", "training", "edit_order", "train_order"):
