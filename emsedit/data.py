@@ -653,3 +653,10 @@ def passes(batches: Sequence[LMBatch], max_rows: int | None = None) -> list[list
             out.append([b])
             rows = len(b)
     return out
+
+
+def joined_rows(batches: Sequence[LMBatch], name: str, pad: int) -> torch.Tensor:
+    """The mini-batches' ``name`` tensors stacked row-wise, right-padded with ``pad`` to the widest."""
+    width = max(b.input_ids.shape[1] for b in batches)
+    return torch.cat([torch.nn.functional.pad(getattr(b, name), (0, width - b.input_ids.shape[1]), value=pad)
+                      for b in batches])

@@ -33,7 +33,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from .config import REPO_ROOT, ModelConfig
-from .data import LMBatch
+from .data import LMBatch, joined_rows
 
 __all__ = [
     "ModuleResolutionError",
@@ -427,14 +427,8 @@ def answer_forward(model: nn.Module, batch: LMBatch) -> tuple[torch.Tensor, LMBa
     return answer_forward_many(model, [batch])[0]
 
 
-def joined_rows(batches: Sequence[LMBatch], name: str, pad: int) -> torch.Tensor:
-    """The mini-batches' ``name`` tensors stacked row-wise, right-padded with ``pad`` to the widest."""
-    width = max(b.input_ids.shape[1] for b in batches)
-    return torch.cat([nn.functional.pad(getattr(b, name), (0, width - b.input_ids.shape[1]), value=pad)
-                      for b in batches])
-
-
-def _joined_pass(model: nn.Module, batches: Sequence[LMBatch]) -> Iterator[tuple[LMBatch, int, torch.Tensor | None, torch.Tensor]]:
+def _joined_pass(model: nn.Module, batches: Sequence[LMBatch]
+                 ) -> Iterator[tuple[LMBatch, int, torch.Tensor | None, torch.Tensor]]:
     """One pass over the stacked mini-batches; yields, per mini-batch, (batch, first answer position,
     its scored positions from there (None when the pass's logits are not compact), its logits): the
     logits of its scored positions in row-major order, or its slice of the full logits."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emsedit.data import passes
+from emsedit.data import joined_rows, passes
 
 SHARED_FORMAT = "emsedit-prefix-activations/2"  # /2: lower layers computed in passes of PASS_ROWS prompts
 
@@ -186,9 +186,7 @@ class PrefixCachedModel(nn.Module):
         """One pass of layers ``0..L−1`` over the chunk's mini-batches; store the unknown ones."""
         if self._bytes >= self.max_bytes:
             return
-        width = max(b.input_ids.shape[1] for b in chunk)
-        ids = torch.cat([F.pad(b.input_ids, (0, width - b.input_ids.shape[1])) for b in chunk])
-        mask = torch.cat([F.pad(b.attention_mask, (0, width - b.attention_mask.shape[1])) for b in chunk])
+        ids, mask = joined_rows(chunk, "input_ids", 0), joined_rows(chunk, "attention_mask", 0)
         recorded: list[Any] = []
 
         def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from emsedit.data import LMBatch, Turn, passes
+from emsedit.data import LMBatch, Turn, joined_rows, passes
 from emsedit.hparams import EditorHParams
 from emsedit.hypernet import HyperNet, step_ranks
 from emsedit.losses import (
@@ -39,7 +39,6 @@ from emsedit.models import (
     add_shift,
     answer_rows_many,
     grad_in_out,
-    joined_rows,
     restore_weights,
     snapshot_weights,
     weight_shape,
