@@ -230,12 +230,11 @@ def evaluate_turns(
 
     from emsedit.data import passes
     from emsedit.models import answer_forward_many
-    from emsedit.prefix_cache import warm
 
     _check_kind(kind)
     scores: dict[str, list[float]] = {"edit": [], "equiv": [], "unrel": []}
     device = _model_device(model)
-    # one turn's mini-batches of one kind: lower layers warmed together, then passes of several
+    # one turn's mini-batches of one kind, in joined passes (each replays or computes its lower layers once)
     lists = [(name, [b.to(device) for b in getattr(turn, name)]) for turn in turns for name in scores]
     was_training = model.training
     model.eval()
@@ -244,7 +243,6 @@ def evaluate_turns(
             bar = tqdm(total=sum(len(batches) for _, batches in lists), desc="evaluate", unit="batch",
                        disable=None if progress else True, file=sys.stderr, leave=False)
             for name, batches in lists:
-                warm(model, batches)
                 for group in passes(batches):
                     for logits, scored in answer_forward_many(model, group):
                         scores[name].extend(score_batch(logits, scored, kind, quirks=quirks))

@@ -7,11 +7,12 @@ same mini-batch (the second MSBP step's caching, the edit loss of the step after
 editing) run layers ``0..L−1`` as stand-ins that return the recorded tensor, so only layers ``L..``
 and the output head are computed.
 
-:meth:`PrefixCachedModel.warm` computes those lower layers for a list of mini-batches ahead of use,
-``PASS_ROWS`` prompts per pass (right-padded to the widest; causal attention makes the extra padding
-invisible to earlier positions). On two CPU cores a pass over 16 prompts costs ~24 ms per prompt
+:meth:`PrefixCachedModel.joined` serves a pass over several stacked mini-batches (up to
+``PASS_ROWS`` prompts, grouped by :func:`emsedit.data.passes`): it computes the unknown ones' lower
+layers in one early-stopped pass (:meth:`PrefixCachedModel.warm`; rows right-padded to the widest,
+which causal attention keeps invisible to earlier positions). On two CPU cores a pass over 16 prompts costs ~24 ms per prompt
 against ~38 ms in passes of 4. The numbers agree with one pass per mini-batch to float rounding
-(~1e-5), not bit for bit; every code path warms the same lists the same way (one turn's mini-batches
+(~1e-5), not bit for bit; every code path groups the same lists the same way (one turn's mini-batches
 of one kind), so a run is bit-for-bit reproducible, with or without shared activations.
 
 Mini-batches are recognised by the identity of their ``input_ids`` tensor (turns are collated once
@@ -255,11 +256,6 @@ class PrefixCachedModel(nn.Module):
 class _LowerLayersDone(Exception):
     """Raised by :meth:`PrefixCachedModel.warm`'s hook to stop a pass after the lower layers."""
 
-
-def warm(model: nn.Module, batches: Sequence[Any]) -> None:
-    """:meth:`PrefixCachedModel.warm` when ``model`` is one; nothing otherwise."""
-    if isinstance(model, PrefixCachedModel):
-        model.warm(batches)
 
 
 def content_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:

@@ -43,7 +43,6 @@ from emsedit.models import (
     snapshot_weights,
     weight_shape,
 )
-from emsedit.prefix_cache import warm
 from emsedit.shifts import ridge_metagrad, ridge_shift
 from emsedit.timing import PhaseTimer
 from emsedit.tracing import Tracer
@@ -158,7 +157,6 @@ class Editor:
         keys: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         grads: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         rows = []
-        warm(self.model, turn.edit)
         for group in passes(turn.edit):
             with Tracer(self.modules) as tracer:
                 loss = sum(cross_entropy(*answer) for answer in answer_rows_many(self.model, group))
@@ -286,7 +284,6 @@ class Editor:
 
     def reference_log_probs(self, batches: Sequence[LMBatch]) -> list[torch.Tensor]:
         """Answer-position log-probabilities at the current weights (the KL reference)."""
-        warm(self.model, batches)
         with torch.no_grad():
             return [answer_log_probs(*answer) for group in passes(batches) for answer in self._answers(group)]
 
@@ -294,7 +291,6 @@ class Editor:
         """Σ over paraphrase mini-batches of CE (each a mean over its answer tokens), back-propagated."""
         total = 0.0
         for turn, weight in weighted:
-            warm(self.model, turn.equiv)
             for group in passes(turn.equiv):
                 loss = weight * sum(cross_entropy(*answer) for answer in self._answers(group))
                 if not torch.isfinite(loss):
@@ -307,7 +303,6 @@ class Editor:
         """loc_coef · KL(reference ‖ edited) over locality mini-batches, back-propagated."""
         total = 0.0
         for (turn, weight), ref in zip(weighted, refs):
-            warm(self.model, turn.unrel)
             done = 0
             for group in passes(turn.unrel):
                 answers = self._answers(group)
