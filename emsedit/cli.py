@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-in", help="replay the lower layers' activations written by `evaluate --prefix-out` "
                                        "(same model; mini-batches are matched by content)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an editor hyperparameter or switch (repeatable; see config/editors)")
+    p.add_argument("--match-iterations", type=int, metavar="S",
+                   help="control cell: run S = 1 with as many Adam iterations per training turn as this "
+                        "editor receives at S (sets adam_iterations_per_step)")
     p.add_argument("--curve", action="store_true", help="also evaluate after every turn (slow)")
     p.add_argument("--checkpoint-dir", help="save resumable state here; a rerun resumes from it")
     p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default: 60; 0 = every turn)")
@@ -181,6 +184,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     hp = protocols.load_editor(args.editor, overrides)
+    if args.match_iterations is not None:
+        hp = protocols.iteration_control(hp, args.protocol, args.match_iterations)
     opts = _cell_options(args)
     record = protocols.run_cell(hp, opts)
     write_record(args.out, record)

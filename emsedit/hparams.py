@@ -59,6 +59,9 @@ class EditorHParams:
     batch_train_revert: bool = True  # batch training reverts the edit between steps (quirk 5)
     normalizer_update_at_eval: bool = True  # normaliser statistics keep updating while editing (quirk 9)
     ultraedit_floor_div: bool = True  # UltraEdit drops the last partial mini-batch's gradients (quirk 13)
+    shared_net_adam_repeats: bool = True  # a network shared by S steps gets S Adam iterations per step (quirk 22)
+    # --- controls (not quirks): 1 reproduces the official code ---
+    adam_iterations_per_step: int = 1  # Adam iterations per optimiser step (same gradient, same state)
     max_nonfinite_in_row: int = 3  # fail after this many consecutive non-finite steps
 
     def __post_init__(self) -> None:
@@ -66,7 +69,8 @@ class EditorHParams:
             value = getattr(self, key)
             if value not in allowed:
                 raise ConfigError(f"editor {self.name!r}: {key}={value!r} is not one of {list(allowed)}")
-        for key in ("steps", "rank", "n_blocks", "n_epochs", "chunk_size", "max_steps", "lm_batch_size"):
+        for key in ("steps", "rank", "n_blocks", "n_epochs", "chunk_size", "max_steps", "lm_batch_size",
+                    "adam_iterations_per_step"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"editor {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
 

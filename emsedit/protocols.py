@@ -59,6 +59,16 @@ def load_editor(name_or_path: str, overrides: dict[str, Any]) -> EditorHParams:
     return hp.with_overrides(overrides, source=f"editor {hp.name} overrides") if overrides else hp
 
 
+def iteration_control(hp: EditorHParams, protocol: str, steps: int) -> EditorHParams:
+    """``run --match-iterations S``: the editor at S = 1 with the Adam iterations it receives at S."""
+    if steps < 1:
+        raise ConfigError(f"--match-iterations must be >= 1, got {steps}")
+    try:
+        return editor_class(hp.name).iteration_matched(hp, protocol, steps)
+    except ValueError as err:
+        raise ConfigError(f"--match-iterations: {err}") from None
+
+
 # ----------------------------------------------------------------------------- data and orders
 @dataclass
 class DataPlan:

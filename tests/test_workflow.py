@@ -105,6 +105,58 @@ def test_grid_cells_encode_the_full_key_and_are_shared():
         assert len({r["cell"].seed for r in rows if r["study"] == study}) >= 3
 
 
+def test_steps_study_runs_the_papers_families_with_iteration_controls():
+    """The S study runs MALMEN (batch) and RLEdit (sequential) S = 1..4 beside EMSEdit; batch grids
+    and MALMEN² in the main study get S = 1 controls with the Adam iterations of each S > 1."""
+    for name in ("config.yaml", "paper.yaml"):
+        rows = grid.expand(load(ROOT / "config" / name))
+        steps = [r["cell"] for r in rows if r["study"] == "steps"]
+        own = {(c.editor, c.protocol, c.steps) for c in steps if c.iterations == grid.OWN_ITERATIONS}
+        for editor, protocol in (("malmen", "batch"), ("rledit", "sequential"), ("emsedit", "batch"),
+                                 ("emsedit", "sequential")):
+            assert {(editor, protocol, s) for s in (1, 2, 3, 4)} <= own, (name, editor, protocol)
+        controls = {(c.editor, c.protocol, c.steps, c.iterations) for c in steps if c.iterations != grid.OWN_ITERATIONS}
+        assert controls == {(e, "batch", 1, f"S{k}") for e in ("malmen", "emsedit") for k in (2, 3, 4)}, name
+        main = {c for r in rows if r["study"] == "main" for c in [r["cell"]] if c.iterations != grid.OWN_ITERATIONS}
+        assert main and {(c.editor, c.steps, c.iterations) for c in main} == {("malmen", 1, "S2")}, name
+        assert all("_itS" in c.path for c in main) and all(
+            f"_S{c.steps}_it{c.iterations}_" in c.path for r in rows for c in [r["cell"]])
+
+
+def test_msbp_control_columns_and_sub_tests():
+    """The MSBP table and claim compare X² with X and with X at X²'s Adam iterations; where no control
+    cell exists, the control is X itself only when the records show equal iteration counts."""
+    import pandas as pd
+
+    def cells(editor, protocol, steps, iterations, post, adam):
+        return [{"study": "main", "variant_label": "trained", "dataset": "zsre", "model": "m", "protocol": protocol,
+                 "editor": editor, "steps": steps, "iterations": iterations, "loss": "kl", "hypernetworks": "default",
+                 "turns": 1, "edits": 16, "train_turns": "default", "seed": seed, "adam_iterations": adam,
+                 **{f"post_{m}": post + seed for m in analysis.METRICS}} for seed in range(3)]
+    frame = pd.DataFrame(cells("malmen", "batch", 1, "own", 20.0, 1) + cells("malmen", "batch", 2, "own", 30.0, 4)
+                         + cells("malmen", "batch", 1, "S2", 28.0, 4)
+                         + cells("rledit", "sequential", 1, "own", 20.0, 1) + cells("rledit", "sequential", 2, "own", 25.0, 1))
+    frame["label"] = [analysis.editor_label(e, s, l, i) for e, s, l, i in
+                      zip(frame.editor, frame.steps, frame.loss, frame.iterations)]
+    assert analysis.editor_label("malmen", 1, "kl", "S2") == "MALMEN (S=1, iterations of S=2)"
+    ref = {"main": pd.DataFrame(columns=["protocol", "model", "dataset", "editor", "metric", "value"])}
+    table = analysis.table_msbp(frame, ref, {}).set_index("pair")
+    assert table.loc["MALMEN → MALMEN²", "average_gain_mean"] == pytest.approx(10.0)
+    assert table.loc["MALMEN → MALMEN²", "average_gain_over_control_mean"] == pytest.approx(2.0)
+    assert table.loc["MALMEN → MALMEN²", "control"] == "control cells"
+    assert table.loc["RLEdit → RLEdit²", "average_gain_over_control_mean"] == pytest.approx(5.0)
+    assert table.loc["RLEdit → RLEdit²", "control"] == "same iterations as S=1"
+    subs, _ = analysis.claim_msbp(frame, ref, {}, {"alpha": 0.05})
+    assert [s["test"] for s in subs if "Adam iterations" in s["test"]] == [
+        "MALMEN² − MALMEN with MALMEN²'s Adam iterations, average, zsre/batch"]
+    # the main claim's baselines are the cells with their own iterations, never the control
+    unequal = frame[~((frame.editor == "malmen") & (frame.iterations == "S2"))].copy()
+    unequal.loc[unequal.editor == "rledit", "adam_iterations"] = [1, 1, 1, 2, 2, 2]
+    table = analysis.table_msbp(unequal, ref, {}).set_index("pair")
+    assert table.loc["RLEdit → RLEdit²", "control"] == "no control"
+    assert pd.isna(table.loc["RLEdit → RLEdit²", "average_gain_over_control_mean"])
+
+
 def test_paper_grid_uses_per_protocol_models():
     cells = grid.unique_cells(grid.expand(load(ROOT / "config" / "paper.yaml")))
     models = {(c.model, c.protocol) for c in cells}

@@ -96,10 +96,12 @@ class Editor:
         self.device = next(iter(modules.values())).weight.device
         self.nets: list[nn.ModuleDict] = [nets.to(self.device) for nets in self.build_nets()]
         self.params = self._unique_params()
+        self.adam_repeats = self._adam_repeats()
         # fused: one kernel over all parameters (~3x faster than the per-tensor loop on the CPU)
         self.opt = torch.optim.Adam(self.params, lr=hp.meta_lr, fused=True) if self.params else None
         self.originals = snapshot_weights(modules)
-        self.stats = {"optimizer_steps": 0, "skipped_nonfinite": 0, "train_turns": 0, "losses": []}
+        self.stats = {"optimizer_steps": 0, "adam_iterations": 0, "skipped_nonfinite": 0, "train_turns": 0,
+                      "losses": []}
         self.edit_stats = {"skipped_nonfinite": 0}
         self._nonfinite_in_row = 0
 
@@ -117,6 +119,31 @@ class Editor:
         if hp.hypernetworks == "auto":
             raise ValueError(f"editor {hp.name!r} does not resolve hypernetworks=auto")
         return hp.hypernetworks
+
+    @classmethod
+    def adam_iterations_per_turn(cls, hp: EditorHParams, protocol: str) -> int:
+        """Adam iterations a hypernetwork parameter receives per training turn (per rollout for the
+        rollout schedules, whose optimiser steps do not depend on S).
+
+        The batch schedule takes one optimiser step per MSBP step; a network shared by S steps gets
+        S iterations per optimiser step when ``shared_net_adam_repeats`` (quirk 22).
+        """
+        schedule, sharing = cls.resolve_schedule(hp, protocol), cls.resolve_sharing(hp, protocol)
+        repeats = hp.steps if (sharing == "shared" and hp.shared_net_adam_repeats) else 1
+        return repeats * hp.adam_iterations_per_step * (hp.steps if schedule == "batch" else 1)
+
+    @classmethod
+    def iteration_matched(cls, hp: EditorHParams, protocol: str, steps: int) -> EditorHParams:
+        """The control for "S = ``steps`` vs S = 1": this editor at S = 1 with as many Adam
+        iterations per training turn as it receives at S = ``steps`` (it separates MSBP from the
+        number of optimiser iterations, which sets the edit strength at short training lengths)."""
+        if hp.steps != 1:
+            raise ValueError(f"editor {hp.name!r}: an iteration-matched control runs S = 1, not S = {hp.steps}")
+        if hp.adam_iterations_per_step != 1:
+            raise ValueError(f"editor {hp.name!r}: an iteration-matched control sets adam_iterations_per_step "
+                             f"itself (got {hp.adam_iterations_per_step})")
+        target = cls.adam_iterations_per_turn(hp.with_overrides({"steps": steps}), protocol)
+        return hp.with_overrides({"adam_iterations_per_step": target // cls.adam_iterations_per_turn(hp, protocol)})
 
     def build_nets(self) -> list[nn.ModuleDict]:
         """One ModuleDict (shape group → HyperNet) per step; shared steps reuse the same object."""
@@ -142,6 +169,21 @@ class Editor:
             for p in step_nets.parameters():
                 seen.setdefault(id(p), p)
         return list(seen.values())
+
+    def _adam_repeats(self) -> list[int]:
+        """Adam iterations each parameter receives per optimiser step (aligned with ``self.params``).
+
+        The official code lists a network once per step slot that holds it, so a network shared by
+        S steps stands S times in Adam's parameter list and one ``opt.step()`` updates it S times
+        with the same gradient and state (quirk 22); ``shared_net_adam_repeats: false`` counts it
+        once. ``adam_iterations_per_step`` multiplies the count (the iteration-matched control).
+        """
+        slots: dict[int, int] = {}
+        for step_nets in self.nets:
+            for p in step_nets.parameters():  # a ModuleDict yields each parameter once
+                slots[id(p)] = slots.get(id(p), 0) + 1
+        per_step = self.hp.adam_iterations_per_step
+        return [(slots[id(p)] if self.hp.shared_net_adam_repeats else 1) * per_step for p in self.params]
 
     def distinct_nets(self) -> list[nn.ModuleDict]:
         """The step networks without repeats (a shared network appears once)."""
@@ -335,7 +377,12 @@ class Editor:
             torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm)
 
     def optimizer_step(self) -> None:
-        """One Adam step on the hypernetworks, unless their gradient is not finite."""
+        """One optimiser step on the hypernetworks, unless their gradient is not finite.
+
+        A step is ``adam_repeats`` Adam iterations per parameter on the same gradient, as the
+        official duplicated parameter list gives (see :meth:`_adam_repeats`); iteration i leaves out
+        the parameters that receive fewer than i + 1.
+        """
         if self.opt is None:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -345,9 +392,15 @@ class Editor:
             self.opt.zero_grad(set_to_none=True)
             self._nonfinite("hypernetwork gradient", self.stats)
             return
-        self.opt.step()
+        iterations = max(self.adam_repeats)
+        for i in range(iterations):
+            for p, repeats in zip(self.params, self.adam_repeats):
+                if repeats == i:
+                    p.grad = None  # Adam skips a parameter without a gradient
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.stats["optimizer_steps"] += 1
+        self.stats["adam_iterations"] += iterations
 
     # ------------------------------------------------------------------ one training step
     def _train_shift(self, turn: Turn, step: int) -> tuple[StepCache, Shifts] | None:

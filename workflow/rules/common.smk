@@ -162,6 +162,7 @@ wildcard_constraints:
     hypernetworks="|".join(grid.HYPERNETWORKS),
     variant=_alternatives(config["variants"]),
     steps=r"\d+",
+    iterations=r"own|S\d+",
     turns=r"\d+",
     edits=r"\d+",
     train_turns=r"\d+|default",
@@ -254,12 +255,15 @@ def run_inputs(wildcards):
 
 
 def run_options(wildcards):
-    """Optional CLI flags of a cell: hypernetwork sharing, training amount, variant overrides, tags."""
+    """Optional CLI flags of a cell: hypernetwork sharing, training amount, iteration-matched control,
+    variant overrides, tags."""
     opts = []
     if wildcards.hypernetworks != "default":
         opts += ["--hypernetworks", wildcards.hypernetworks]
     if wildcards.train_turns != "default":
         opts += ["--train-turns", wildcards.train_turns]
+    if wildcards.iterations != grid.OWN_ITERATIONS:
+        opts += ["--match-iterations", wildcards.iterations.removeprefix("S")]
     if wildcards.variant != grid.FAITHFUL:
         for key, value in grid.variant_overrides(config, wildcards.variant, wildcards.editor).items():
             opts += ["--set", f"{key}={value}"]
@@ -320,7 +324,7 @@ def figure_inputs(name):
 TABLE_DESCRIPTIONS = {
     "main": "Main results: efficacy, generalization, specificity and their average after editing (mean and 95% t-interval over seeds), beside the paper's.",
     "msbp": "MSBP plugged into baselines: X-squared minus X per metric, paired over seeds, beside the paper's gains.",
-    "steps": "Number of backprop steps S = 1..4 for EMSEdit, sequential and batch.",
+    "steps": "Number of backprop steps S = 1..4: MALMEN (batch) and RLEdit (sequential), the families of the paper's figure, beside EMSEdit; iteration-matched controls dashed.",
     "loss": "MSBP+KL vs MSBP+Norm (EMSEdit with loss=kl vs loss=l2): quality and meta-training time.",
     "time_breakdown": "Share of meta-training time per phase (the paper's pie), per loss and protocol.",
     "hypernetworks": "Shared vs step-specific hypernetworks in sequential editing.",

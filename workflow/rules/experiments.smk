@@ -35,16 +35,16 @@ rule run_cell:
     input:
         unpack(run_inputs),
     output:
-        "results/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json",
+        "results/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json",
     params:
         model=model_arg,
         dataset=dataset_arg,
         options=run_options,
         checkpoints=checkpoint_dir,
     log:
-        "logs/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.log",
+        "logs/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.tsv"
+        "results/benchmarks/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.tsv"
     threads: config["threads"]
     resources:
         **rule_resources("run_cell"),

@@ -40,16 +40,21 @@ EDITOR_NAMES = {"emsedit": "EMSEdit", "mend": "MEND", "malmen": "MALMEN", "rledi
 DEFAULT_STEPS = {"emsedit": 2}
 DEFAULT_LOSS = {"emsedit": "l2"}
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
-CELL_COLUMNS = ["dataset", "model", "protocol", "editor", "steps", "loss", "hypernetworks",
+OWN = "own"  # a cell's own Adam iterations; "S<k>" marks an S = 1 control with the iterations of S = k
+CELL_COLUMNS = ["dataset", "model", "protocol", "editor", "steps", "iterations", "loss", "hypernetworks",
                 "turns", "edits", "train_turns", "variant"]
 
 
 # --- labels and the paper's names -----------------------------------------------------------------
 
 
-def editor_label(editor: str, steps: int, loss: str) -> str:
-    """The paper's name for an editor setting: RLEdit, RLEdit² (S = 2), EMSEdit (KL), ..."""
+def editor_label(editor: str, steps: int, loss: str, iterations: str = OWN) -> str:
+    """The paper's name for an editor setting: RLEdit, RLEdit² (S = 2), EMSEdit (KL), ...; an
+    iteration-matched control reads "MALMEN (S=1, iterations of S=2)"."""
     name = EDITOR_NAMES[editor]
+    if iterations != OWN:
+        base = editor_label(editor, 1, loss)
+        return f"{base} (S=1, iterations of S={iterations.removeprefix('S')})"
     default_steps = DEFAULT_STEPS.get(editor, 1)
     if steps != default_steps:
         name = name + str(steps).translate(SUPERSCRIPTS) if default_steps == 1 else f"{name} (S={steps})"
@@ -112,6 +117,7 @@ def flatten_record(record: dict) -> dict:
     row["peak_rss_mb"] = float(record["peak_rss_mb"])
     training = record.get("training") or {}
     row["optimizer_steps"] = training.get("optimizer_steps", np.nan)
+    row["adam_iterations"] = training.get("adam_iterations", np.nan)
     row["skipped_nonfinite"] = training.get("skipped_nonfinite", np.nan)
     return row
 
@@ -133,7 +139,10 @@ def aggregate(membership: Iterable[dict], schema: dict) -> pd.DataFrame:
         rows.append({**cell, **cache[path]})
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        frame["label"] = [editor_label(e, int(s), l) for e, s, l in zip(frame.editor, frame.steps, frame.loss)]
+        if "iterations" not in frame:
+            frame["iterations"] = OWN
+        frame["label"] = [editor_label(e, int(s), l, i) for e, s, l, i in
+                          zip(frame.editor, frame.steps, frame.loss, frame.iterations)]
     return frame
 
 
@@ -218,7 +227,7 @@ def combine(verdicts: Iterable[str]) -> str:
 
 # --- table helpers -------------------------------------------------------------------------------
 
-GROUP_KEYS = ["variant_label", "dataset", "model", "protocol", "editor", "label", "steps", "loss",
+GROUP_KEYS = ["variant_label", "dataset", "model", "protocol", "editor", "label", "steps", "iterations", "loss",
               "hypernetworks", "turns", "edits", "train_turns"]
 
 
@@ -260,7 +269,8 @@ def table_main(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     # the unedited model on the same edits, once per dataset/protocol/setting
     pre = cells[cells["study"] == "main"].rename(columns={f"pre_{m}": m for m in METRICS})
     pre = pre.drop_duplicates(["variant_label", "dataset", "model", "protocol", "turns", "edits", "seed"])
-    pre_rows = summarize_groups(pre.assign(editor="", label="Unedited", steps=0, loss="", hypernetworks="", train_turns=""),
+    pre_rows = summarize_groups(pre.assign(editor="", label="Unedited", steps=0, iterations=OWN, loss="", hypernetworks="",
+                                           train_turns=""),
                                 METRICS)
     out = pd.concat([pre_rows, out], ignore_index=True)
     main_ref = ref["main"]
@@ -279,37 +289,66 @@ def table_main(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     return out[keep + cols + ["paper_model"]].reset_index(drop=True)
 
 
-def msbp_pairs(cells: pd.DataFrame) -> list[tuple[dict, pd.DataFrame, pd.DataFrame]]:
-    """(keys, X cells, X² cells) for every editor run with S = 1 and S = 2 in the main study."""
+def own(frame: pd.DataFrame) -> pd.DataFrame:
+    """The cells that run with their own Adam iterations (no iteration-matched controls)."""
+    return frame[frame["iterations"] == OWN] if "iterations" in frame else frame
+
+
+def control_for(group: pd.DataFrame, base: pd.DataFrame, other: pd.DataFrame, steps: int) -> tuple[pd.DataFrame, str]:
+    """The iteration-matched control of S = ``steps`` within ``group``: its control cells, or the
+    S = 1 cells themselves when the records show both settings took the same Adam iterations;
+    otherwise empty. The second value says which."""
+    control = group[group["iterations"] == f"S{steps}"] if "iterations" in group else group.iloc[:0]
+    if len(control):
+        return control, "control cells"
+    a, b = base.get("adam_iterations"), other.get("adam_iterations")
+    if a is not None and b is not None and len(a) and len(b) and a.notna().all() and b.notna().all() \
+            and set(a.astype(int)) == set(b.astype(int)):
+        return base, "same iterations as S=1"
+    return group.iloc[:0], "no control"
+
+
+def msbp_pairs(cells: pd.DataFrame) -> list[tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, str]]:
+    """(keys, X cells, X² cells, control cells, control kind) for every editor run with S = 1 and
+    S = 2 in the main study; the control is X at S = 1 with X²'s Adam iterations (see control_for)."""
     frame = study(cells, "main")
     keys = ["variant_label", "dataset", "model", "protocol", "editor", "loss", "hypernetworks", "turns", "edits", "train_turns"]
     pairs = []
     for key, group in frame.groupby(keys, sort=False):
         if DEFAULT_STEPS.get(key[4], 1) != 1:
             continue
-        s1, s2 = group[group.steps == 1], group[group.steps == 2]
+        mine = own(group)
+        s1, s2 = mine[mine.steps == 1], mine[mine.steps == 2]
         if len(s1) and len(s2):
-            pairs.append((dict(zip(keys, key)), s1, s2))
+            control, kind = control_for(group, s1, s2, 2)
+            pairs.append((dict(zip(keys, key)), s1, s2, control, kind))
     return pairs
 
 
 def table_msbp(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     rows = []
-    for keys, s1, s2 in msbp_pairs(cells):
+    for keys, s1, s2, control, kind in msbp_pairs(cells):
         base = editor_label(keys["editor"], 1, keys["loss"])
         row = {k: keys[k] for k in ("variant_label", "dataset", "model", "protocol")}
         row["setting"] = _setting(keys["protocol"], keys["turns"], keys["edits"])
         row["pair"] = f"{base} → {base}²"
+        row["control"] = kind
         for m in METRICS:
             d = paired_diffs(s2, s1, f"post_{m}")
             s = summarize(d)
             row["n_seeds"] = s["n"]
             row[f"{m}_gain_mean"], row[f"{m}_gain_ci95"] = s["mean"], s["ci95"]
+            c = summarize(paired_diffs(s2, control, f"post_{m}")) if len(control) else {"mean": np.nan, "ci95": np.nan}
+            row[f"{m}_gain_over_control_mean"], row[f"{m}_gain_over_control_ci95"] = c["mean"], c["ci95"]
             kw = dict(protocol=keys["protocol"], model=paper_model(keys["model"], paper),
                       dataset=paper_dataset(keys["dataset"], paper), metric=m)
             row[f"{m}_gain_paper"] = _paper_value(ref["main"], editor=base + "²", **kw) - _paper_value(ref["main"], editor=base, **kw)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# The family behind each panel of the paper's S = 1..4 figure (method spec §10.5).
+PAPER_STEPS_FAMILY = {"batch": "malmen", "sequential": "rledit"}
 
 
 def _paper_steps(ref: dict, protocol: str, model: str, steps: int, metric: str) -> float:
@@ -324,12 +363,18 @@ def _paper_steps(ref: dict, protocol: str, model: str, steps: int, metric: str) 
 def table_steps(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     frame = study(cells, "steps").rename(columns={f"post_{m}": m for m in METRICS})
     out = summarize_groups(frame, METRICS)
+    # the paper's numbers sit beside the family it ran (MALMEN batch, RLEdit sequential) only
     for m in METRICS:
-        out[f"{m}_paper"] = [_paper_steps(ref, r.protocol, paper_model(r.model, paper), int(r.steps), m) for r in out.itertuples()]
+        out[f"{m}_paper"] = [
+            _paper_steps(ref, r.protocol, paper_model(r.model, paper), int(r.steps), m)
+            if r.editor == PAPER_STEPS_FAMILY.get(r.protocol) and r.iterations == OWN else np.nan
+            for r in out.itertuples()]
     out["setting"] = [_setting(r.protocol, r.turns, r.edits) for r in out.itertuples()]
-    keep = ["variant_label", "dataset", "model", "protocol", "setting", "label", "steps", "n_seeds"]
+    out["matched_to"] = [np.nan if i == OWN else int(str(i).removeprefix("S")) for i in out["iterations"]]
+    keep = ["variant_label", "dataset", "model", "protocol", "setting", "editor", "label", "steps", "matched_to", "n_seeds"]
     cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95", f"{m}_paper")]
-    return out.sort_values(["variant_label", "dataset", "protocol", "steps"], kind="stable")[keep + cols].reset_index(drop=True)
+    return out.sort_values(["variant_label", "dataset", "protocol", "editor", "matched_to", "steps"], kind="stable",
+                           na_position="first")[keep + cols].reset_index(drop=True)
 
 
 def _paper_time_ratio(ref: dict, protocol: str, model: str) -> float:
@@ -574,11 +619,15 @@ def _ref_avg(ref, paper, model, dataset, protocol, editor):
 
 def claim_msbp(cells, ref, paper, opts):
     subs, evidence = [], []
-    for keys, s1, s2 in msbp_pairs(cells):
+    for keys, s1, s2, control, kind in msbp_pairs(cells):
         base = editor_label(keys["editor"], 1, keys["loss"])
         t = one_sample_test(paired_diffs(s2, s1, "post_average"), opts["alpha"])
         where = f"{keys['dataset']}/{keys['protocol']}"
         subs.append(_subtest(keys["variant_label"], f"{base}² − {base}, average, {where}", t))
+        if kind == "control cells":  # MSBP beyond the extra Adam iterations it brings (quirk 22)
+            t = one_sample_test(paired_diffs(s2, control, "post_average"), opts["alpha"])
+            subs.append(_subtest(keys["variant_label"],
+                                 f"{base}² − {base} with {base}²'s Adam iterations, average, {where}", t))
         p = _ref_avg(ref, paper, keys["model"], keys["dataset"], keys["protocol"], base + "²") - \
             _ref_avg(ref, paper, keys["model"], keys["dataset"], keys["protocol"], base)
         if pd.notna(p):
@@ -593,22 +642,30 @@ def claim_steps(cells, ref, paper, opts):
     keys = ["variant_label", "dataset", "model", "protocol", "editor", "loss", "hypernetworks", "turns", "edits", "train_turns"]
     for key, group in frame.groupby(keys, sort=False):
         k = dict(zip(keys, key))
-        s2 = group[group.steps == 2]
+        mine = own(group)
+        s2 = mine[mine.steps == 2]
         if not len(s2):
             continue
-        where = f"{k['dataset']}/{k['protocol']}"
-        for s in sorted(set(group.steps) - {2}):
-            other = group[group.steps == s]
+        name = EDITOR_NAMES[k["editor"]]
+        where = f"{name}, {k['dataset']}/{k['protocol']}"
+        for s in sorted(set(mine.steps) - {2}):
+            other = mine[mine.steps == s]
             t = one_sample_test(paired_diffs(s2, other, "post_average"), opts["alpha"])
             subs.append(_subtest(k["variant_label"], f"S=2 − S={s}, average, {where}", t))
             if s >= 3:
                 t = one_sample_test(paired_diffs(s2, other, "post_specificity"), opts["alpha"])
                 subs.append(_subtest(k["variant_label"], f"S=2 − S={s}, specificity, {where}", t))
-        pm = paper_model(k["model"], paper)
-        vals = [_paper_steps(ref, k["protocol"], pm, s, "average") for s in (1, 2, 3, 4)]
-        if not all(pd.isna(vals)):
-            evidence.append(f"{k['protocol']} ({pm}, {'MALMEN' if k['protocol'] == 'batch' else 'RLEdit'} family) average "
-                            "S=1..4: " + " / ".join(_fmt(v) for v in vals))
+        # S = 2 against S = 1 trained with S = 2's Adam iterations: the gain MSBP keeps once the
+        # number of optimiser iterations is matched
+        control, kind = control_for(group, mine[mine.steps == 1], s2, 2)
+        if kind == "control cells":
+            t = one_sample_test(paired_diffs(s2, control, "post_average"), opts["alpha"])
+            subs.append(_subtest(k["variant_label"], f"S=2 − S=1 with S=2's Adam iterations, average, {where}", t))
+        if k["editor"] == PAPER_STEPS_FAMILY.get(k["protocol"]):
+            pm = paper_model(k["model"], paper)
+            vals = [_paper_steps(ref, k["protocol"], pm, s, "average") for s in (1, 2, 3, 4)]
+            if not all(pd.isna(vals)):
+                evidence.append(f"{k['protocol']} ({pm}, {name} family) average S=1..4: " + " / ".join(_fmt(v) for v in vals))
     return subs, sorted(set(evidence))
 
 
@@ -690,7 +747,8 @@ def claim_main(cells, ref, paper, opts):
         ems = group[(group.editor == "emsedit") & (group.steps == 2) & (group.loss == "l2")]
         if not len(ems):
             continue
-        for (editor, steps), b in group[(group.editor != "emsedit") & (group.steps == 1)].groupby(["editor", "steps"]):
+        base = own(group)
+        for (editor, steps), b in base[(base.editor != "emsedit") & (base.steps == 1)].groupby(["editor", "steps"]):
             t = one_sample_test(paired_diffs(ems, b, "post_average"), opts["alpha"])
             subs.append(_subtest(key[0], f"EMSEdit − {EDITOR_NAMES[editor]}, average, {key[1]}/{key[3]}", t))
             p = _ref_avg(ref, paper, key[2], key[1], key[3], "EMSEdit") - _ref_avg(ref, paper, key[2], key[1], key[3], EDITOR_NAMES[editor])

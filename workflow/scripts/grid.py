@@ -28,14 +28,16 @@ FAITHFUL = "faithful"
 
 # The keys a cell is identified by, in path order.
 CELL_KEYS = (
-    "dataset", "model", "protocol", "editor", "steps", "loss", "hypernetworks",
+    "dataset", "model", "protocol", "editor", "steps", "iterations", "loss", "hypernetworks",
     "turns", "edits", "train_turns", "variant", "seed",
 )
 
 RUN_PATTERN = (
     "results/runs/{dataset}/{model}/{protocol}/"
-    "{editor}_S{steps}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json"
+    "{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json"
 )
+# A cell's Adam iterations: its own, or (an S = 1 control) as many as the editor receives at S = k.
+OWN_ITERATIONS = "own"
 ORDER_PATTERN = "results/orders/{dataset}/n{n}_seed{seed}.json"
 # The unedited scores depend on how requests are grouped into turns (mini-batching follows turns),
 # so they are keyed by edits per turn as well as by the number of requests.
@@ -47,6 +49,7 @@ PREFIX_PATTERN = "results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.prefix.
 GRID_KEYS = (
     "dataset", "model", "protocol", "editor", "steps", "loss", "hypernetworks",
     "turns", "edits", "train_turns", "seed", "variant",
+    "controls",  # true: each cell with S > 1 also gets its S = 1 iteration-matched control cell
 )
 
 
@@ -63,6 +66,7 @@ class Cell:
     protocol: str
     editor: str
     steps: int
+    iterations: str  # OWN_ITERATIONS, or "S<k>": S = 1 with the Adam iterations of S = k (a control)
     loss: str
     hypernetworks: str
     turns: int
@@ -162,6 +166,8 @@ def expand_study(config: dict, study: str) -> list[dict]:
             "hypernetworks": "default",
             "steps": 1,
         }
+        controls = bool(entry.get("controls", False))
+        entry = {k: v for k, v in entry.items() if k != "controls"}
         base.update(entry)
         missing = [k for k in ("protocol", "editor", "loss") if k not in base]
         if missing:
@@ -181,12 +187,16 @@ def expand_study(config: dict, study: str) -> list[dict]:
             label = d["variant"]
             cell = Cell(
                 dataset=str(d["dataset"]), model=str(d["model"]), protocol=d["protocol"],
-                editor=d["editor"], steps=int(d["steps"]), loss=d["loss"],
+                editor=d["editor"], steps=int(d["steps"]), iterations=OWN_ITERATIONS, loss=d["loss"],
                 hypernetworks=d["hypernetworks"], turns=int(d["turns"]), edits=int(d["edits"]),
                 train_turns=str(d["train_turns"]), variant=label, seed=int(d["seed"]),
             )
-            cell = resolve_variant(config, cell)
-            rows.append({"study": study, "variant_label": label, "grid": index, "cell": cell})
+            versions = [cell]
+            if controls and cell.steps > 1:
+                versions.append(replace(cell, steps=1, iterations=f"S{cell.steps}"))
+            for version in versions:
+                rows.append({"study": study, "variant_label": label, "grid": index,
+                             "cell": resolve_variant(config, version)})
     return rows
 
 
