@@ -40,6 +40,22 @@ CELLS = [
     {"id": "emsedit_batch_256_S2", "editor": "emsedit", "protocol": "batch", "turns": 1, "edits": 256,
      "steps": 2, "authors_s": None},
 ]
+# The fidelity issue's cells: the shared-network Adam repeats (quirk 22) on and off, and the
+# iteration-matched control; scores matter here, so the bare passes are not measured ("bare": False).
+# `make bench` runs them too; `--cells fidelity` runs only them.
+_NO_REPEATS = {"shared_net_adam_repeats": False}
+FIDELITY = [
+    {"id": "malmen_batch_256_S2_no_repeats", "editor": "malmen", "protocol": "batch", "turns": 1, "edits": 256,
+     "steps": 2, "set": _NO_REPEATS},
+    {"id": "malmen_batch_256_S1_iterations_of_S2", "editor": "malmen", "protocol": "batch", "turns": 1,
+     "edits": 256, "steps": 1, "match_iterations": 2},
+    {"id": "emsedit_batch_256_S2_no_repeats", "editor": "emsedit", "protocol": "batch", "turns": 1, "edits": 256,
+     "steps": 2, "set": _NO_REPEATS},
+    {"id": "malmen_seq_10x20_S2", "editor": "malmen", "protocol": "sequential", "turns": 10, "edits": 20, "steps": 2},
+    {"id": "malmen_seq_10x20_S2_no_repeats", "editor": "malmen", "protocol": "sequential", "turns": 10, "edits": 20,
+     "steps": 2, "set": _NO_REPEATS},
+]
+CELLS += [{"authors_s": None, "bare": False, "fidelity": True, **c} for c in FIDELITY]
 
 
 def _time(fn) -> float:
@@ -106,7 +122,7 @@ def bare_passes(record: dict, model_name: str, dataset: str, threads: int) -> di
 
 def run_one(cell: dict, args: argparse.Namespace) -> dict:
     """Run one benchmark cell in this process and measure its bare passes."""
-    from emsedit.protocols import CellOptions, load_editor, run_cell
+    from emsedit.protocols import CellOptions, iteration_control, load_editor, run_cell
 
     shape = f"{cell['turns']}x{cell['edits']}"
     opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, protocol=cell["protocol"],
@@ -115,11 +131,14 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
                        prefix_in=str(Path(args.workdir) / f"pre_{shape}.prefix.safetensors"))
     shared_t = json.loads(Path(opts.pre_record).read_text())["timings"]
     shared_s = shared_t["total"] - shared_t.get("load_model", 0.0)
-    hp = load_editor(cell["editor"], {"steps": cell["steps"]})
+    hp = load_editor(cell["editor"], {"steps": cell["steps"], **cell.get("set", {})})
+    if cell.get("match_iterations"):
+        hp = iteration_control(hp, cell["protocol"], cell["match_iterations"])
     start = time.perf_counter()
     record = run_cell(hp, opts)
     wall = time.perf_counter() - start
-    bare = bare_passes(record, args.model, args.dataset, args.threads)
+    measure_bare = cell.get("bare", True) and not args.no_bare
+    bare = bare_passes(record, args.model, args.dataset, args.threads) if measure_bare else None
     t = record["timings"]
     run_s = t["total"] - t.get("load_model", 0.0) - t.get("evaluate_pre", 0.0)
     post, pre = record["metrics"]["post"], record["metrics"]["pre"]
@@ -128,11 +147,14 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
         "shared_evaluate_s": round(shared_s, 2), "run_plus_shared_s": round(run_s + shared_s, 2),
         "prefix_activations": record["config"].get("prefix_activations"),
         "timings": t, "peak_rss_mb": record["peak_rss_mb"], "bare_passes_s": bare,
-        "ratio_to_bare": round(run_s / bare["total"], 3) if bare["total"] else None,
+        "ratio_to_bare": round(run_s / bare["total"], 3) if bare and bare["total"] else None,
         "authors_s": cell["authors_s"],
         "metrics": {"pre": {k: round(pre[k], 2) for k in ("efficacy", "generalization", "specificity")},
                     "post": {k: round(post[k], 2) for k in ("efficacy", "generalization", "specificity")}},
         "optimizer_steps": record["training"]["optimizer_steps"],
+        "adam_iterations": record["training"]["adam_iterations"],
+        "editor_overrides": {**cell.get("set", {}), **({"match_iterations": cell["match_iterations"]}
+                                                         if cell.get("match_iterations") else {})},
     }
 
 
@@ -145,6 +167,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--cells", nargs="*", help="only these cell ids")
     parser.add_argument("--workdir", default="benchmarks/results/work", help="scratch folder")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare-pass measurement (scores and run times only)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one cell in this process
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
@@ -155,7 +178,8 @@ def main() -> int:
     from emsedit.protocols import CellOptions, evaluate_cell
     from emsedit.records import write_json_atomic
 
-    cells = [c for c in CELLS if not args.cells or c["id"] in args.cells]
+    cells = [c for c in CELLS if not args.cells or c["id"] in args.cells
+             or ("fidelity" in args.cells and c.get("fidelity"))]
     results = []
     for shape in sorted({(c["turns"], c["edits"]) for c in cells}):
         pre = Path(args.workdir) / f"pre_{shape[0]}x{shape[1]}.json"
@@ -166,27 +190,34 @@ def main() -> int:
             write_json_atomic(pre, evaluate_cell(opts))
     for cell in cells:
         cmd = [sys.executable, __file__, "--one", cell["id"], "--model", args.model, "--dataset", args.dataset,
-               "--seed", str(args.seed), "--threads", str(args.threads), "--workdir", args.workdir]
+               "--seed", str(args.seed), "--threads", str(args.threads), "--workdir", args.workdir,
+               *(["--no-bare"] if args.no_bare else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
+        bare = f"bare passes {r['bare_passes_s']['total']} s, ratio {r['ratio_to_bare']}" if r["bare_passes_s"] else "no bare passes"
         print(f"{r['cell']}: run {r['run_s_excl_load']} s (+ shared evaluation {r['shared_evaluate_s']} s; "
-              f"bare passes {r['bare_passes_s']['total']} s, ratio {r['ratio_to_bare']}), "
-              f"peak {r['peak_rss_mb']} MB, authors {r['authors_s']}", flush=True)
+              f"{bare}), peak {r['peak_rss_mb']} MB, authors {r['authors_s']}; pre {r['metrics']['pre']} "
+              f"post {r['metrics']['post']}, {r['adam_iterations']} Adam iterations", flush=True)
+        _write(args.out, args.threads, results)
+    return 0
+
+
+def _write(out: str, threads: int, results: list[dict]) -> None:
+    """The JSON so far (rewritten after every cell, so an interrupted benchmark keeps its cells)."""
+    import os
     import platform
 
     import torch
 
-    from emsedit.records import git_commit
+    from emsedit.records import git_commit, write_json_atomic
 
-    write_json_atomic(args.out, {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
-                                             "torch": torch.__version__, "threads": args.threads},
-                                 "git_commit": git_commit(),
-                                 "results": results})
-    return 0
+    write_json_atomic(out, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                        "torch": torch.__version__, "threads": threads},
+                            "git_commit": git_commit(), "results": results})
 
 
 if __name__ == "__main__":
