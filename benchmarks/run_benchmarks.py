@@ -40,10 +40,12 @@ CELLS = [
     {"id": "emsedit_batch_256_S2", "editor": "emsedit", "protocol": "batch", "turns": 1, "edits": 256,
      "steps": 2, "authors_s": None},
 ]
-# The fidelity issue's cells: the shared-network Adam repeats (quirk 22) on and off, and the
-# iteration-matched control; scores matter here, so the bare passes are not measured ("bare": False).
+# The fidelity issue's cells: the shared-network Adam repeats (quirk 22) on and off, the
+# iteration-matched control, and RLEdit's KL backward with and without the official revert; scores
+# matter here, so the bare passes are not measured ("bare": False).
 # `make bench` runs them too; `--cells fidelity` runs only them.
 _NO_REPEATS = {"shared_net_adam_repeats": False}
+_KL_AT_EDITED = {"kl_backward_reverted": False}
 FIDELITY = [
     {"id": "malmen_batch_256_S2_no_repeats", "editor": "malmen", "protocol": "batch", "turns": 1, "edits": 256,
      "steps": 2, "set": _NO_REPEATS},
@@ -54,6 +56,12 @@ FIDELITY = [
     {"id": "malmen_seq_10x20_S2", "editor": "malmen", "protocol": "sequential", "turns": 10, "edits": 20, "steps": 2},
     {"id": "malmen_seq_10x20_S2_no_repeats", "editor": "malmen", "protocol": "sequential", "turns": 10, "edits": 20,
      "steps": 2, "set": _NO_REPEATS},
+    # RLEdit's KL term back-propagated at W + ΔW instead of after the official `.data` revert
+    {"id": "rledit_seq_10x20_S1_kl_not_reverted", "editor": "rledit", "protocol": "sequential", "turns": 10,
+     "edits": 20, "steps": 1, "set": _KL_AT_EDITED},
+    {"id": "rledit_seq_10x20_S2", "editor": "rledit", "protocol": "sequential", "turns": 10, "edits": 20, "steps": 2},
+    {"id": "rledit_seq_10x20_S2_kl_not_reverted", "editor": "rledit", "protocol": "sequential", "turns": 10,
+     "edits": 20, "steps": 2, "set": _KL_AT_EDITED},
 ]
 CELLS += [{"authors_s": None, "bare": False, "fidelity": True, **c} for c in FIDELITY]
 

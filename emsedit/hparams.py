@@ -60,6 +60,7 @@ class EditorHParams:
     normalizer_update_at_eval: bool = True  # normaliser statistics keep updating while editing (quirk 9)
     ultraedit_floor_div: bool = True  # UltraEdit drops the last partial mini-batch's gradients (quirk 13)
     shared_net_adam_repeats: bool = True  # a network shared by S steps gets S Adam iterations per step (quirk 22)
+    kl_backward_reverted: bool = True  # RLEdit back-propagates its KL term with the edit reverted (issue 10.5)
     # --- controls (not quirks): 1 reproduces the official code ---
     adam_iterations_per_step: int = 1  # Adam iterations per optimiser step (same gradient, same state)
     max_nonfinite_in_row: int = 3  # fail after this many consecutive non-finite steps

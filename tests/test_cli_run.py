@@ -304,6 +304,7 @@ def _expect_user_error(args, out, capsys, needle):
     (["--set", "steps=0"], "steps"),
     (["--set", "adam_iterations_per_step=0"], "adam_iterations_per_step"),
     (["--set", "shared_net_adam_repeats=maybe"], "shared_net_adam_repeats"),
+    (["--set", "kl_backward_reverted=sometimes"], "kl_backward_reverted"),
     (["--match-iterations", "0"], "--match-iterations"),
     (["--match-iterations", "2", "--steps", "2"], "S = 1"),  # a control runs S = 1
     (["--match-iterations", "2", "--steps", "1", "--set", "adam_iterations_per_step=3"], "adam_iterations_per_step"),

@@ -19,6 +19,9 @@ through ``torch.linalg.solve``, closed-form statistics); only the editor's *outp
   every cached [k; g] row (training and editing), or training rows only with the switch off.
 * UltraEdit floor division (quirk 13): the shift by hand with ``n_edits // 4`` gradient files
   (zero-padded value-gradients), and the plain formula otherwise.
+* RLEdit's KL backward (issue 10.5): Γ equals CE backward at W + ΔW plus ONE backward of the summed
+  KL after the edit is reverted through ``.data`` (input-Jacobians at W), computed on a fresh model
+  with plain forwards; with the switch off, the plain gradient at W + ΔW.
 * Multi-step meta-gradient (§6.6, §7.5.2): each step's network gradient is autograd of ⟨Γ, ΔW_s(θ_s)⟩
   through a primal ridge solve with K, G detached and the SAME final-weights Γ (EMSEdit), or the LAST
   step's Γ for every step (RLEdit). A toy linear layer states what this first-order rule drops: the
@@ -539,6 +542,69 @@ def test_rledit_every_step_gets_the_last_gamma(tok, monkeypatch):
         if step == 0:
             ref_own = reference_step_grads(snap, ed.hp.n_blocks, cache.keys, cache.grads, g1, ed.index_of)
             assert rel_diff(ours["lr.weight"], ref_own["lr.weight"]) > 0.05
+
+
+def official_rledit_gamma(tok, turn, w_unedited, w_edited, loc_coef, reverted: bool):
+    """Γ of one RLEdit training step at memory depth 1, the official way on a fresh model: CE on the
+    paraphrases at W + ΔW, backward; then per locality mini-batch the reference at W, the KL at
+    W + ΔW, all summed, and ONE backward after the edit is reverted through ``.data`` (or, for the
+    alternative, before it is reverted). Plain full-model forwards, no prefix cache, no joined passes."""
+    model = make_tiny_llama(tok, seed=0)
+    model.requires_grad_(False)
+    mods = resolve_modules(model, PATTERNS)
+    for m in mods.values():
+        m.weight.requires_grad_(True)
+
+    def put(weights):  # the official edit_model: in place through .data, invisible to autograd
+        for n, m in mods.items():
+            m.weight.data.copy_(weights[n])
+
+    def answer_rows(b):
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        mask = b.labels != -100
+        return F.log_softmax(logits[mask].float(), -1)
+
+    put(w_edited)
+    ce = 0.0
+    for b in turn.equiv:
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        mask = b.labels != -100
+        ce = ce + F.cross_entropy(logits[mask], b.labels[mask])
+    ce.backward()
+    put(w_unedited)
+    kl = 0.0
+    for b in turn.unrel:
+        with torch.no_grad():
+            ref = answer_rows(b)
+        put(w_edited)
+        kl = kl + loc_coef * F.kl_div(answer_rows(b), ref, log_target=True, reduction="batchmean")
+        if reverted:
+            put(w_unedited)
+    kl.backward()
+    return {n: m.weight.grad.T.clone() for n, m in mods.items()}
+
+
+@pytest.mark.parametrize("reverted", [True, False])
+def test_rledit_kl_backward_with_the_edit_reverted(tok, monkeypatch, reverted):
+    """Issue 10.5: the official RLEdit back-propagates its summed KL term after reverting the edit
+    through ``.data``, so the input-Jacobians of the edited layers use W while the weight gradients
+    keep the activations of W + ΔW. With ``kl_backward_reverted`` our Γ equals that reference; off,
+    it equals the plain gradient at W + ΔW. The top edited layer's Γ is the same either way (nothing
+    edited lies above it); the lower one's differs between the two references."""
+    ed = make_editor(tok, "rledit", "sequential", max_grad_norm=HUGE, kl_backward_reverted=reverted)
+    turn = turns(tok, [4])[0]
+    log = instrument(ed, monkeypatch)
+    ed.meta_train([turn])
+    assert len(log["gamma"]) == 1
+    w_edited = log["weights"][0]
+    w_unedited = {n: w.detach().clone() for n, w in ed.originals.items()}
+    assert max(rel_diff(w_edited[n], w_unedited[n]) for n in w_edited) > 1e-3  # the edit is not tiny
+    refs = {r: official_rledit_gamma(tok, turn, w_unedited, w_edited, ed.hp.loc_coef, r) for r in (True, False)}
+    for n in w_edited:
+        close(log["gamma"][0][n], refs[reverted][n], 2e-5, f"Γ {n}")
+    top, low = "model.layers.1.mlp.down_proj", "model.layers.0.mlp.down_proj"
+    close(refs[True][top], refs[False][top], 1e-5, "top edited layer")
+    assert rel_diff(refs[True][low], refs[False][low]) > 0.01  # measured 0.043
 
 
 def test_first_order_rule_drops_the_path_through_the_next_steps_gradient():

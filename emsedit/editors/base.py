@@ -341,9 +341,20 @@ class Editor:
                 total += loss.item()
         return total
 
-    def kl_loss(self, weighted: Sequence[tuple[Turn, float]], refs: Sequence[list[torch.Tensor]]) -> float:
-        """loc_coef · KL(reference ‖ edited) over locality mini-batches, back-propagated."""
+    def kl_loss(self, weighted: Sequence[tuple[Turn, float]], refs: Sequence[list[torch.Tensor]],
+                backward_at: Shifts | None = None) -> float:
+        """loc_coef · KL(reference ‖ edited) over locality mini-batches, back-propagated.
+
+        With ``backward_at`` (edited module → weight), each pass's forward runs at the current
+        weights but its backward at ``backward_at``: the weights' data is swapped in place without
+        autograd noticing (as the official RLEdit's ``.data`` revert before ``backward``), so the
+        input-Jacobians of the edited layers use those weights while the weight gradients keep the
+        forward's activations. The current weights are put back bit for bit after each backward.
+        """
         total = 0.0
+        edited = None
+        if backward_at is not None:
+            edited = {name: m.weight.detach().clone() for name, m in self.modules.items()}
         for (turn, weight), ref in zip(weighted, refs):
             done = 0
             for group in passes(turn.unrel):
@@ -353,9 +364,20 @@ class Editor:
                 done += len(group)
                 if not torch.isfinite(loss):
                     return math.nan
-                loss.backward()
+                if edited is None:
+                    loss.backward()
+                else:
+                    self._swap_weight_data(backward_at)
+                    loss.backward()
+                    self._swap_weight_data(edited)
                 total += loss.item()
         return total
+
+    def _swap_weight_data(self, weights: Shifts) -> None:
+        """Overwrite the edited modules' weight data without bumping autograd's version counter."""
+        with torch.no_grad():
+            for name, w in weights.items():
+                self.modules[name].weight.data.copy_(w)
 
     def add_l2_grad(self, eta: float) -> float:
         """Add ∂/∂W of ``eta·Σ‖W − W_orig‖²_F`` to the weight grads; return the term's value."""
@@ -436,11 +458,12 @@ class Editor:
             with self.timer.phase("train_locality_loss"):
                 refs = [self.reference_log_probs(t.unrel) for t, _ in loss_turns]
         self.zero_lm_grads()
+        unedited = self._kl_backward_weights(refs)
         self.apply(shifts)
         with self.timer.phase("train_edit_loss"):
             edit = self.edit_loss(loss_turns)
         with self.timer.phase("train_locality_loss"):
-            loc = self.kl_loss(loss_turns, refs) if refs is not None else self.add_l2_grad(eta)
+            loc = self.kl_loss(loss_turns, refs, unedited) if refs is not None else self.add_l2_grad(eta)
         if not (math.isfinite(edit) and math.isfinite(loc)):
             self.apply(shifts, -1)
             self.zero_lm_grads()
@@ -449,6 +472,17 @@ class Editor:
         self._nonfinite_in_row = 0
         self.stats["losses"].append(round(edit + loc, 6))
         return cache, shifts
+
+    def _kl_backward_weights(self, refs: object) -> Shifts | None:
+        """The weights at which RLEdit's KL term is back-propagated: this step's unedited ones.
+
+        The official RLEdit reverts the step's edit (through ``.data``) before ``backward`` on the
+        summed KL term, so autograd's input-Jacobians of the edited layers see W, not W + ΔW
+        (``kl_backward_reverted``; only the backtracking schedule, only with the KL loss).
+        """
+        if refs is None or self.schedule != "rollout_backtrack" or not self.hp.kl_backward_reverted:
+            return None
+        return {name: m.weight.detach().clone() for name, m in self.modules.items()}
 
     def _update(self, steps: Sequence[tuple[int, StepCache, Shifts]], gammas: Shifts) -> None:
         """Meta-gradient of each given step from the same Γ, clipping after each (spec §7.5.2)."""
