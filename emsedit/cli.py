@@ -18,6 +18,7 @@ from emsedit.acquire import AcquireError
 from emsedit.config import ConfigError
 from emsedit.data import DataError
 from emsedit.models import ModelNotMaterializedError, ModuleResolutionError
+from emsedit.registry import editor_names
 
 USER_ERRORS = (ConfigError, DataError, AcquireError, ModuleResolutionError, ModelNotMaterializedError,
                KeyError, FileNotFoundError)
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="meta-train, edit and evaluate one experiment cell")
     _add_common(p)
-    p.add_argument("--editor", required=True, help="editor name: emsedit, mend, malmen, rledit, ultraedit (or a YAML path)")
+    p.add_argument("--editor", required=True,
+                   help=f"editor name: {', '.join(editor_names())} (config/editors), or an editor YAML path")
     p.add_argument("--protocol", choices=("sequential", "batch"), default="sequential", help="sequential (turns × edits) or batch (one turn)")
     p.add_argument("--turns", type=int, default=1, help="number of turns (1 for batch)")
     p.add_argument("--edits", type=int, required=True, help="edits per turn (the batch size in batch editing)")

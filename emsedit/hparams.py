@@ -17,6 +17,9 @@ import yaml
 from emsedit.config import ConfigError
 
 
+# Keys of an editor YAML that declare the editor (emsedit/registry.py) rather than set a hyperparameter.
+DECLARATION_KEYS = ("class", "label")
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("kl", "l2"),
     "shift": ("ridge", "outer", "ultra"),
@@ -133,6 +136,8 @@ def load_editor_hparams(path: str | Path) -> EditorHParams:
         raise ConfigError(f"editor config {path} does not exist") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if isinstance(data, Mapping):  # the editor's declaration (class, label) is not a hyperparameter
+        data = {k: v for k, v in data.items() if k not in DECLARATION_KEYS}
     hp = from_mapping(EditorHParams, data or {}, str(path))
     if hp.name != path.stem:
         raise ConfigError(f"{path}: name {hp.name!r} does not match the file name {path.stem!r}")

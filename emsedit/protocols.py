@@ -29,7 +29,7 @@ from emsedit.acquire import obtain_dataset, sha256_of
 from emsedit.checkpoints import load_checkpoint, save_checkpoint
 from emsedit.config import ConfigError, ModelConfig, find_config
 from emsedit.data import EditRequest, Turn, make_turn, read_requests
-from emsedit.editors import editor_class
+from emsedit.registry import declaration, editor_class
 from emsedit.hparams import EditorHParams, load_editor_hparams
 from emsedit.metrics import MetricQuirks, evaluate_turns
 from emsedit.models import load_model, resolve_modules
@@ -54,8 +54,9 @@ def load_dataset_config(name_or_path: str) -> dict[str, Any]:
 
 
 def load_editor(name_or_path: str, overrides: dict[str, Any]) -> EditorHParams:
-    """Editor hyperparameters from ``config/editors`` with command-line overrides applied."""
-    hp = load_editor_hparams(find_config("editors", name_or_path))
+    """Editor hyperparameters from ``config/editors`` (or a YAML path) with command-line overrides
+    applied; the editor's declaration is read too, so its class is known by name afterwards."""
+    hp = load_editor_hparams(declaration(name_or_path).path)
     return hp.with_overrides(overrides, source=f"editor {hp.name} overrides") if overrides else hp
 
 

@@ -14,7 +14,9 @@ import torch
 
 from emsedit.config import REPO_ROOT
 from emsedit.data import EditRequest, make_turn
-from emsedit.editors import REGISTRY, NonFiniteError, editor_class
+from emsedit.config import ConfigError
+from emsedit.editors import NonFiniteError
+from emsedit.registry import declarations, editor_class, editor_names
 from emsedit.editors.base import StepCache
 from emsedit.hparams import load_editor_hparams
 from emsedit.metrics import evaluate_turns
@@ -80,15 +82,24 @@ def weights(editor):
 
 
 # ---------------------------------------------------------------------------------------- smoke
-CASES = [(name, steps, protocol, "llama") for name in sorted(REGISTRY) for steps in (1, 2)
+CASES = [(name, steps, protocol, "llama") for name in editor_names() for steps in (1, 2)
          for protocol in ("sequential", "batch")]
 CASES += [("emsedit", 2, "sequential", "gpt2"), ("emsedit", 2, "batch", "gpt2"),
           ("ultraedit", 2, "batch", "gpt2")]
 
 
 def test_registry_has_every_editor():
-    assert sorted(REGISTRY) == ["emsedit", "malmen", "mend", "rledit", "ultraedit"]
-    with pytest.raises(KeyError, match="known editors"):
+    """Every editor is declared by its YAML: class, label, own S and loss; an unknown name lists the
+    known ones."""
+    decls = declarations()
+    assert sorted(decls) == ["emsedit", "malmen", "mend", "rledit", "ultraedit"]
+    assert {n: d.label for n, d in decls.items()} == {
+        "emsedit": "EMSEdit", "malmen": "MALMEN", "mend": "MEND", "rledit": "RLEdit", "ultraedit": "UltraEdit"}
+    assert (decls["emsedit"].steps, decls["emsedit"].loss) == (2, "l2")
+    assert (decls["malmen"].steps, decls["malmen"].loss) == (1, "kl")
+    for name in decls:
+        assert editor_class(name).__name__.lower() == name
+    with pytest.raises(ConfigError, match="available: emsedit, malmen"):
         editor_class("nosuch")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from emsedit.editors import editor_class
+from emsedit.registry import editor_class
 from emsedit.hparams import load_editor_hparams
 from emsedit.config import REPO_ROOT
 from emsedit.hypernet import HyperNet, RunningNorm, step_ranks

@@ -42,7 +42,7 @@ from torch import nn
 
 from emsedit.config import REPO_ROOT
 from emsedit.data import EditRequest, make_turn
-from emsedit.editors import editor_class
+from emsedit.registry import editor_class
 from emsedit.editors.base import StepCache
 from emsedit.editors.emsedit import EMSEdit
 from emsedit.hparams import EditorHParams, load_editor_hparams

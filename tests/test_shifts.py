@@ -11,7 +11,7 @@ import torch
 
 from emsedit.config import REPO_ROOT
 from emsedit.data import EditRequest, make_turn
-from emsedit.editors import editor_class
+from emsedit.registry import editor_class
 from emsedit.hparams import load_editor_hparams
 from emsedit.models import resolve_modules
 from emsedit.shifts import outer_shift, ridge_metagrad, ridge_shift

@@ -237,7 +237,8 @@ def _set_main(key, value):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (_set_main("editor", "rledt"), "studies.main.grids[0].editor: 'rledt' is not one of"),
+        (_set_main("editor", "rledt"), "invalid config key studies.main.grids[0].editor: unknown editor 'rledt'"),
+        (lambda c: c["variants"].update(odd={"rledt": {}}), "invalid config key variants.odd: unknown editor 'rledt'"),
         (_set_main("loss", "kll"), "studies.main.grids[0].loss: 'kll' is not one of"),
         (_set_main("protocol", "sequental"), "studies.main.grids[0].protocol: 'sequental' is not one of"),
         (_set_main("hypernetworks", "perstep"), "studies.main.grids[0].hypernetworks: 'perstep' is not one of"),
@@ -245,7 +246,7 @@ def _set_main(key, value):
         (lambda c: c["studies"]["steps"].update(datasets=["zsr"]), "invalid config key studies.steps.datasets: unknown dataset 'zsr'"),
         (lambda c: c["studies"].update(stepz=c["studies"]["steps"]), "'stepz'"),
     ],
-    ids=["editor", "loss", "protocol", "hypernetworks", "model", "dataset", "study"],
+    ids=["editor", "variant-editor", "loss", "protocol", "hypernetworks", "model", "dataset", "study"],
 )
 def test_invalid_config_is_rejected_naming_the_key(tmp_path, change, message):
     """(c) A misspelt editor, loss, model ... stops Snakemake before any job, naming the key."""

@@ -16,6 +16,9 @@ SCRIPTS_DIR = Path(workflow.basedir) / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS_DIR))
 import grid  # noqa: E402  (workflow/scripts/grid.py: expands the compact grids into cells)
 
+sys.path.insert(0, str(workflow.basedir))
+from emsedit import registry  # noqa: E402  (editor declarations: config/editors/<name>.yaml)
+
 CONFIG_SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -62,6 +65,10 @@ if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
     _path = ""
 shell.prefix(f"set -euo pipefail; {_path}{_pythonpath}")
 CONFIG_DIR = Path(config["config_dir"])
+# The editors: those of the repository's config/editors, plus any declared in <config_dir>/editors
+# (an editor is its class file and its YAML; see emsedit/registry.py).
+EDITORS = registry.workflow_declarations(CONFIG_DIR)
+REPO_EDITORS = {name: d.path for name, d in registry.declarations(registry.REPO_CONFIG_DIR).items()}
 
 
 def _named_config(kind, name):
@@ -90,6 +97,16 @@ def check_names():
                     f"(no {path}; known: {', '.join(known) or 'none'})"
                 )
 
+    def check_editors(names, key):
+        for name in names:
+            if name not in EDITORS:
+                raise WorkflowError(
+                    f"invalid config key {key}: unknown editor {name!r} "
+                    f"(no config/editors/{name}.yaml or {CONFIG_DIR}/editors/{name}.yaml; known: {', '.join(sorted(EDITORS))})"
+                )
+
+    for variant, spec in config["variants"].items():
+        check_editors(spec, f"variants.{variant}")
     check("models", config["models"], "models")
     check("datasets", config["datasets"], "datasets")
     for study, spec in config["studies"].items():
@@ -100,6 +117,9 @@ def check_names():
                 if key in entry:
                     names = entry[key] if isinstance(entry[key], list) else [entry[key]]
                     check(kind, names, f"studies.{study}.grids[{i}].{key}")
+            if "editor" in entry:
+                names = entry["editor"] if isinstance(entry["editor"], list) else [entry["editor"]]
+                check_editors(names, f"studies.{study}.grids[{i}].editor")
 
 
 check_names()
@@ -157,7 +177,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     protocol="|".join(grid.PROTOCOLS),
-    editor="|".join(grid.EDITORS),
+    editor="|".join(sorted(EDITORS)),
     loss="|".join(grid.LOSSES),
     hypernetworks="|".join(grid.HYPERNETWORKS),
     variant=_alternatives(config["variants"]),
@@ -178,6 +198,12 @@ def model_yaml(model):
     if model in config["tiny_models"]:
         return f"resources/models/{model}/model.yaml"
     return str(_named_config("models", model))
+
+
+def editor_arg(wildcards):
+    """The editor the CLI is given: its name for the repository's own editors, else its YAML path."""
+    decl = EDITORS[wildcards.editor]
+    return decl.name if decl.path == REPO_EDITORS.get(decl.name) else str(decl.path)
 
 
 def dataset_yaml(dataset):

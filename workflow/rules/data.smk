@@ -25,7 +25,7 @@ rule edit_order:
     input:
         data=dataset_manifest,
     output:
-        "results/orders/{dataset}/n{n}_seed{seed}.json",
+        grid.ORDER_PATTERN,
     params:
         dataset=dataset_arg,
     log:

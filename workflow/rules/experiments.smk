@@ -9,16 +9,16 @@ rule evaluate_unedited:
     input:
         unpack(unedited_inputs),
     output:
-        pre="results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.json",
-        prefix="results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.prefix.safetensors",
+        pre=grid.PRE_PATTERN,
+        prefix=grid.PREFIX_PATTERN,
     params:
         model=model_arg,
         dataset=dataset_arg,
         prefix_mb=config["share_prefix_mb"],
     log:
-        "logs/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.log",
+        f"logs/pre/{grid.PRE_STEM}.log",
     benchmark:
-        "results/benchmarks/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.tsv"
+        f"results/benchmarks/pre/{grid.PRE_STEM}.tsv"
     threads: config["threads"]
     resources:
         **rule_resources("evaluate_unedited"),
@@ -35,21 +35,22 @@ rule run_cell:
     input:
         unpack(run_inputs),
     output:
-        "results/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json",
+        grid.RUN_PATTERN,
     params:
+        editor=editor_arg,
         model=model_arg,
         dataset=dataset_arg,
         options=run_options,
         checkpoints=checkpoint_dir,
     log:
-        "logs/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.log",
+        f"logs/runs/{grid.CELL_STEM}.log",
     benchmark:
-        "results/benchmarks/runs/{dataset}/{model}/{protocol}/{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.tsv"
+        f"results/benchmarks/runs/{grid.CELL_STEM}.tsv"
     threads: config["threads"]
     resources:
         **rule_resources("run_cell"),
     shell:
-        "python -m emsedit run --editor {wildcards.editor} --model {params.model}"
+        "python -m emsedit run --editor {params.editor} --model {params.model}"
         " --dataset {params.dataset} --protocol {wildcards.protocol} --turns {wildcards.turns}"
         " --edits {wildcards.edits} --steps {wildcards.steps} --loss {wildcards.loss}"
         " --seed {wildcards.seed} --order {input.order} --pre {input.pre} --prefix-in {input.prefix}"

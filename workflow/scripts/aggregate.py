@@ -5,7 +5,9 @@ sys.stderr = open(snakemake.log[0], "w")
 
 import yaml  # noqa: E402
 
-from analysis import aggregate  # noqa: E402
+from analysis import aggregate, use_editors  # noqa: E402
+
+use_editors(snakemake.config["config_dir"])  # editor labels: config/editors and <config_dir>/editors
 
 with open(snakemake.input.schema) as fh:
     schema = yaml.safe_load(fh)

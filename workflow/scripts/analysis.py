@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from emsedit.registry import REPO_CONFIG_DIR, workflow_declarations
+
 METRICS = ["efficacy", "generalization", "specificity", "average"]
 QUALITY = ["efficacy", "generalization", "specificity"]
 PHASES = {
@@ -36,9 +38,9 @@ TIMING_KEYS = [
     "train_hypernet_update", "train_total", "edit_cache", "edit_predict_shift", "edit_apply",
     "edit_total", "evaluate_pre", "evaluate_post", "total",
 ]
-EDITOR_NAMES = {"emsedit": "EMSEdit", "mend": "MEND", "malmen": "MALMEN", "rledit": "RLEdit", "ultraedit": "UltraEdit"}
-DEFAULT_STEPS = {"emsedit": 2}
-DEFAULT_LOSS = {"emsedit": "l2"}
+# The editors' declarations (label, own S and loss: config/editors/<name>.yaml, emsedit/registry.py),
+# read on first use from the repository's config/ or, after use_editors(config_dir), the workflow's.
+_EDITORS: dict = {}
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 OWN = "own"  # a cell's own Adam iterations; "S<k>" marks an S = 1 control with the iterations of S = k
 CELL_COLUMNS = ["dataset", "model", "protocol", "editor", "steps", "iterations", "loss", "hypernetworks",
@@ -48,17 +50,33 @@ CELL_COLUMNS = ["dataset", "model", "protocol", "editor", "steps", "iterations",
 # --- labels and the paper's names -----------------------------------------------------------------
 
 
+def use_editors(config_dir: str | Path) -> None:
+    """Read the editor declarations of a workflow's config_dir (the repository's plus its own)."""
+    _EDITORS.clear()
+    _EDITORS.update(workflow_declarations(config_dir))
+
+
+def editor_decl(editor: str):
+    """The declaration of one editor (its label, own S and own loss)."""
+    if not _EDITORS:
+        use_editors(REPO_CONFIG_DIR)
+    try:
+        return _EDITORS[editor]
+    except KeyError:
+        raise ValueError(f"unknown editor {editor!r} in the records; declared: {sorted(_EDITORS)}") from None
+
+
 def editor_label(editor: str, steps: int, loss: str, iterations: str = OWN) -> str:
     """The paper's name for an editor setting: RLEdit, RLEdit² (S = 2), EMSEdit (KL), ...; an
     iteration-matched control reads "MALMEN (S=1, iterations of S=2)"."""
-    name = EDITOR_NAMES[editor]
+    decl = editor_decl(editor)
+    name = decl.label
     if iterations != OWN:
         base = editor_label(editor, 1, loss)
         return f"{base} (S=1, iterations of S={iterations.removeprefix('S')})"
-    default_steps = DEFAULT_STEPS.get(editor, 1)
-    if steps != default_steps:
-        name = name + str(steps).translate(SUPERSCRIPTS) if default_steps == 1 else f"{name} (S={steps})"
-    if editor == "emsedit" and loss != DEFAULT_LOSS["emsedit"]:
+    if steps != decl.steps:
+        name = name + str(steps).translate(SUPERSCRIPTS) if decl.steps == 1 else f"{name} (S={steps})"
+    if loss != decl.loss:
         name += f" ({loss.upper()})"
     return name
 
@@ -315,7 +333,7 @@ def msbp_pairs(cells: pd.DataFrame) -> list[tuple[dict, pd.DataFrame, pd.DataFra
     keys = ["variant_label", "dataset", "model", "protocol", "editor", "loss", "hypernetworks", "turns", "edits", "train_turns"]
     pairs = []
     for key, group in frame.groupby(keys, sort=False):
-        if DEFAULT_STEPS.get(key[4], 1) != 1:
+        if editor_decl(key[4]).steps != 1:
             continue
         mine = own(group)
         s1, s2 = mine[mine.steps == 1], mine[mine.steps == 2]
@@ -646,7 +664,7 @@ def claim_steps(cells, ref, paper, opts):
         s2 = mine[mine.steps == 2]
         if not len(s2):
             continue
-        name = EDITOR_NAMES[k["editor"]]
+        name = editor_decl(k["editor"]).label
         where = f"{name}, {k['dataset']}/{k['protocol']}"
         for s in sorted(set(mine.steps) - {2}):
             other = mine[mine.steps == s]
@@ -725,7 +743,7 @@ def claim_data_efficiency(cells, ref, paper, opts):
         for editor, b in base.groupby("editor"):
             lo, hi = ems.train_amount.min(), b.train_amount.max()
             t = one_sample_test(paired_diffs(ems[ems.train_amount == lo], b[b.train_amount == hi], "post_average"), opts["alpha"])
-            name = EDITOR_NAMES[editor]
+            name = editor_decl(editor).label
             subs.append(_subtest(key[0], f"EMSEdit at {int(lo)} train turns − {name} at {int(hi)}, average, {key[1]}/{key[3]}", t))
     de = ref["data_efficiency"]
     for (protocol, model), g in de.groupby(["protocol", "model"]):
@@ -750,10 +768,11 @@ def claim_main(cells, ref, paper, opts):
         base = own(group)
         for (editor, steps), b in base[(base.editor != "emsedit") & (base.steps == 1)].groupby(["editor", "steps"]):
             t = one_sample_test(paired_diffs(ems, b, "post_average"), opts["alpha"])
-            subs.append(_subtest(key[0], f"EMSEdit − {EDITOR_NAMES[editor]}, average, {key[1]}/{key[3]}", t))
-            p = _ref_avg(ref, paper, key[2], key[1], key[3], "EMSEdit") - _ref_avg(ref, paper, key[2], key[1], key[3], EDITOR_NAMES[editor])
+            name = editor_decl(editor).label
+            subs.append(_subtest(key[0], f"EMSEdit − {name}, average, {key[1]}/{key[3]}", t))
+            p = _ref_avg(ref, paper, key[2], key[1], key[3], "EMSEdit") - _ref_avg(ref, paper, key[2], key[1], key[3], name)
             if pd.notna(p):
-                evidence.append(f"EMSEdit − {EDITOR_NAMES[editor]} {paper_dataset(key[1], paper)}/{key[3]} "
+                evidence.append(f"EMSEdit − {name} {paper_dataset(key[1], paper)}/{key[3]} "
                                 f"({paper_model(key[2], paper)}): {p:+.2f}")
     return subs, sorted(set(evidence))
 

@@ -19,7 +19,6 @@ import itertools
 from dataclasses import dataclass, asdict, replace
 from typing import Any, Iterable
 
-EDITORS = ("emsedit", "mend", "malmen", "rledit", "ultraedit")
 PROTOCOLS = ("sequential", "batch")
 LOSSES = ("l2", "kl")
 HYPERNETWORKS = ("default", "shared", "per_step")
@@ -32,18 +31,22 @@ CELL_KEYS = (
     "turns", "edits", "train_turns", "variant", "seed",
 )
 
-RUN_PATTERN = (
-    "results/runs/{dataset}/{model}/{protocol}/"
-    "{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}.json"
+# A cell's stem encodes its whole key, in path order; its record, log, benchmark and checkpoint folder
+# all use it (written once here; workflow/rules/experiments.smk builds its paths from it).
+CELL_STEM = (
+    "{dataset}/{model}/{protocol}/"
+    "{editor}_S{steps}_it{iterations}_{loss}_{hypernetworks}_T{turns}xN{edits}_train{train_turns}_{variant}_seed{seed}"
 )
+RUN_PATTERN = f"results/runs/{CELL_STEM}.json"
 # A cell's Adam iterations: its own, or (an S = 1 control) as many as the editor receives at S = k.
 OWN_ITERATIONS = "own"
 ORDER_PATTERN = "results/orders/{dataset}/n{n}_seed{seed}.json"
 # The unedited scores depend on how requests are grouped into turns (mini-batching follows turns),
 # so they are keyed by edits per turn as well as by the number of requests.
-PRE_PATTERN = "results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.json"
+PRE_STEM = "{dataset}/{model}/n{n}xN{edits}_seed{seed}"
+PRE_PATTERN = f"results/pre/{PRE_STEM}.json"
 # Beside it, the unedited lower layers' activations on those requests, replayed by the cells.
-PREFIX_PATTERN = "results/pre/{dataset}/{model}/n{n}xN{edits}_seed{seed}.prefix.safetensors"
+PREFIX_PATTERN = f"results/pre/{PRE_STEM}.prefix.safetensors"
 
 # Keys a grid entry may set; each takes a scalar or a list (lists are crossed).
 GRID_KEYS = (

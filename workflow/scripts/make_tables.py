@@ -7,7 +7,9 @@ from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from analysis import TABLES, load_reference, write_table  # noqa: E402
+from analysis import TABLES, load_reference, write_table, use_editors  # noqa: E402
+
+use_editors(snakemake.config["config_dir"])  # editor labels: config/editors and <config_dir>/editors
 
 cells = pd.read_csv(snakemake.input.cells, dtype={"train_turns": str})
 reference = load_reference(Path(snakemake.input.reference[0]).parent)
