@@ -15,6 +15,7 @@ from snakemake.utils import validate
 SCRIPTS_DIR = Path(workflow.basedir) / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS_DIR))
 import grid  # noqa: E402  (workflow/scripts/grid.py: expands the compact grids into cells)
+import studies  # noqa: E402  (workflow/scripts/studies.py: each study's tables, figures and claims)
 
 sys.path.insert(0, str(workflow.basedir))
 from emsedit import registry  # noqa: E402  (editor declarations: config/editors/<name>.yaml)
@@ -105,6 +106,12 @@ def check_names():
                     f"(no config/editors/{name}.yaml or {CONFIG_DIR}/editors/{name}.yaml; known: {', '.join(sorted(EDITORS))})"
                 )
 
+    for study in config["studies"]:
+        if study not in studies.STUDIES:
+            raise WorkflowError(
+                f"invalid config key studies.{study}: unknown study {study!r} "
+                f"(declared in workflow/scripts/studies.py: {', '.join(studies.STUDIES)})"
+            )
     for variant, spec in config["variants"].items():
         check_editors(spec, f"variants.{variant}")
     check("models", config["models"], "models")
@@ -144,27 +151,9 @@ CONFIG_MODELS_RE = _alternatives(
     {c.model for c in CELLS} - set(config["tiny_models"])
 ) if CELLS else "(?!x)x"
 
-# table name -> the study it is computed from
-TABLES = {
-    "main": "main",
-    "msbp": "main",
-    "steps": "steps",
-    "loss": "loss",
-    "time_breakdown": "loss",
-    "hypernetworks": "hypernetworks",
-    "data_efficiency": "data_efficiency",
-    "scaling": "scaling",
-}
-# figure name -> the tables its notebook reads
-FIGURES = {
-    "main": ["main"],
-    "msbp": ["msbp"],
-    "steps": ["steps"],
-    "loss": ["loss", "time_breakdown"],
-    "hypernetworks": ["hypernetworks"],
-    "data_efficiency": ["data_efficiency"],
-    "scaling": ["scaling"],
-}
+# Tables and figures come from the study declarations (workflow/scripts/studies.py).
+TABLES = studies.TABLES
+FIGURES = studies.FIGURES
 TABLE_FORMATS = ["csv", "md", "tex"]
 # Tracked inputs that live in the repository (absolute, so `--directory .test` still finds them).
 REFERENCE_DIR = Path(workflow.basedir) / "resources" / "reference"
@@ -177,6 +166,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     protocol="|".join(grid.PROTOCOLS),
+    figure=_alternatives(FIGURES),
     editor="|".join(sorted(EDITORS)),
     loss="|".join(grid.LOSSES),
     hypernetworks="|".join(grid.HYPERNETWORKS),
@@ -326,7 +316,7 @@ def enabled_tables():
 
 
 def enabled_figures():
-    return [f for f, tables in FIGURES.items() if all(t in enabled_tables() for t in tables)]
+    return [f for f, fig in FIGURES.items() if all(t in enabled_tables() for t in fig.tables)]
 
 
 def table_outputs(name):
@@ -343,20 +333,15 @@ def table_report_outputs():
     return outputs
 
 
-def figure_inputs(name):
-    return [f"results/tables/{t}.csv" for t in FIGURES[name]]
+def figure_inputs(wildcards):
+    return [f"results/tables/{t}.csv" for t in FIGURES[wildcards.figure].tables]
 
 
-TABLE_DESCRIPTIONS = {
-    "main": "Main results: efficacy, generalization, specificity and their average after editing (mean and 95% t-interval over seeds), beside the paper's.",
-    "msbp": "MSBP plugged into baselines: X-squared minus X per metric, paired over seeds, beside the paper's gains.",
-    "steps": "Number of backprop steps S = 1..4: MALMEN (batch) and RLEdit (sequential), the families of the paper's figure, beside EMSEdit; iteration-matched controls dashed.",
-    "loss": "MSBP+KL vs MSBP+Norm (EMSEdit with loss=kl vs loss=l2): quality and meta-training time.",
-    "time_breakdown": "Share of meta-training time per phase (the paper's pie), per loss and protocol.",
-    "hypernetworks": "Shared vs step-specific hypernetworks in sequential editing.",
-    "data_efficiency": "Quality vs amount of meta-training data (train turns).",
-    "scaling": "Time and peak memory vs edits per batch and vs number of turns.",
-}
+def figure_caption(wildcards):
+    return FIGURES[wildcards.figure].caption
+
+
+TABLE_DESCRIPTIONS = studies.TABLE_DESCRIPTIONS
 
 
 def final_outputs():

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+import studies
 from emsedit.registry import REPO_CONFIG_DIR, workflow_declarations
 
 METRICS = ["efficacy", "generalization", "specificity", "average"]
@@ -552,16 +553,8 @@ def table_scaling(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     return out.sort_values(["source", "protocol", "dataset", "model", "label", "x"], kind="stable")[keep].reset_index(drop=True)
 
 
-TABLES = {
-    "main": table_main,
-    "msbp": table_msbp,
-    "steps": table_steps,
-    "loss": table_loss,
-    "time_breakdown": table_time_breakdown,
-    "hypernetworks": table_hypernetworks,
-    "data_efficiency": table_data_efficiency,
-    "scaling": table_scaling,
-}
+# Each declared table (workflow/scripts/studies.py) is computed by the function table_<name> above.
+TABLES = {name: globals()[f"table_{name}"] for name in studies.TABLES}
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -615,14 +608,6 @@ def write_table(table: pd.DataFrame, csv: str, md: str, tex: str, title: str, no
 
 # --- claims --------------------------------------------------------------------------------------
 
-CLAIMS = [
-    ("msbp", "MSBP improves meta-learning editors (X² beats X on the average score)."),
-    ("steps", "S = 2 backprop steps is best, and S ≥ 3 hurts specificity."),
-    ("loss", "The l2 norm constraint cuts meta-training time by 30–40 % against the KL locality loss, at similar quality."),
-    ("hypernetworks", "Step-specific hypernetworks beat a shared hypernetwork in sequential editing."),
-    ("data_efficiency", "EMSEdit needs less meta-training data: with the least data it beats the baseline trained on the most."),
-    ("main", "EMSEdit beats the baselines (average score)."),
-]
 
 
 def _subtest(variant, what, test, **extra):
@@ -777,12 +762,8 @@ def claim_main(cells, ref, paper, opts):
     return subs, sorted(set(evidence))
 
 
-CLAIM_FUNCS = {
-    "msbp": claim_msbp, "steps": claim_steps, "loss": claim_loss, "hypernetworks": claim_hypernetworks,
-    "data_efficiency": claim_data_efficiency, "main": claim_main,
-}
-CLAIM_STUDY = {"msbp": "main", "steps": "steps", "loss": "loss", "hypernetworks": "hypernetworks",
-               "data_efficiency": "data_efficiency", "main": "main"}
+# Each declared claim (workflow/scripts/studies.py: its study and its words) is tested by claim_<id> above.
+CLAIM_FUNCS = {cid: globals()[f"claim_{cid}"] for cid in studies.CLAIMS}
 
 
 def evaluate_claims(cells: pd.DataFrame, ref: dict, paper: dict, opts: dict) -> tuple[pd.DataFrame, str]:
@@ -803,8 +784,8 @@ def evaluate_claims(cells: pd.DataFrame, ref: dict, paper: dict, opts: dict) -> 
         "| claim | " + " | ".join(variants) + " |", "| --- | " + " | ".join("---" for _ in variants) + " |",
     ]
     sections, summary = [], []
-    for cid, text in CLAIMS:
-        if CLAIM_STUDY[cid] not in set(cells.study):
+    for cid, (claim_study, text) in studies.CLAIMS.items():
+        if claim_study not in set(cells.study):
             continue
         subs, evidence = CLAIM_FUNCS[cid](cells, ref, paper, opts)
         verdicts = {v: combine(s["verdict"] for s in subs if s["variant"] == v) for v in variants}

@@ -22,7 +22,6 @@ from typing import Any, Iterable
 PROTOCOLS = ("sequential", "batch")
 LOSSES = ("l2", "kl")
 HYPERNETWORKS = ("default", "shared", "per_step")
-STUDIES = ("main", "steps", "loss", "hypernetworks", "data_efficiency", "scaling")
 FAITHFUL = "faithful"
 
 # The keys a cell is identified by, in path order.

@@ -1,0 +1,95 @@
+"""Every study's artifacts, declared once: its tables, its figures and their captions, its claims.
+
+Read by the rules (which tables and figures to build, the figure captions of the HTML report) and by
+the analysis (the table of artifact X is computed by ``analysis.table_X`` and the claim Y by
+``analysis.claim_Y``; the figure X is drawn by ``notebooks/X.py.ipynb``). A new study is its entry
+here, its grid in the config (``studies.<name>``), its table and claim functions in
+``workflow/scripts/analysis.py`` and its notebook; nothing else names it. Standard library only, so
+that the Snakefile can import it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Figure:
+    tables: tuple[str, ...]  # the tables its notebook reads (results/tables/<name>.csv)
+    caption: str  # the HTML report's caption
+
+
+@dataclass(frozen=True)
+class Study:
+    tables: dict[str, str]  # table name -> one-line description (the Markdown table's first line)
+    figures: dict[str, Figure] = field(default_factory=dict)
+    claims: dict[str, str] = field(default_factory=dict)  # claim id -> the paper's claim, in words
+
+
+STUDIES: dict[str, Study] = {
+    "main": Study(
+        tables={
+            "main": "Main results: efficacy, generalization, specificity and their average after editing (mean "
+                    "and 95% t-interval over seeds), beside the paper's.",
+            "msbp": "MSBP plugged into baselines: X-squared minus X per metric, paired over seeds, beside the "
+                    "paper's gains.",
+        },
+        figures={
+            "main": Figure(("main",), "Main results: efficacy, generalization, specificity and average after "
+                           "editing per method (bars: ours, mean ± 95 % t-interval over seeds; black ticks: the "
+                           "paper's numbers for the mapped model)."),
+            "msbp": Figure(("msbp",), "MSBP plugged into baselines: the gain X² − X per metric, paired over "
+                           "seeds (black ticks: the paper's gains)."),
+        },
+        claims={
+            "main": "EMSEdit beats the baselines (average score).",
+            "msbp": "MSBP improves meta-learning editors (X² beats X on the average score).",
+        },
+    ),
+    "steps": Study(
+        tables={"steps": "Number of backprop steps S = 1..4: MALMEN (batch) and RLEdit (sequential), the families "
+                         "of the paper's figure, beside EMSEdit; iteration-matched controls dashed."},
+        figures={"steps": Figure(("steps",), "Scores against the number of backprop steps S, one panel per editor: "
+                                 "MALMEN (batch) and RLEdit (sequential), the families of the paper's S ablation, "
+                                 "and EMSEdit (dashed: the paper's numbers for that family; hollow: the S = 1 "
+                                 "control with the Adam iterations of S = k).")},
+        claims={"steps": "S = 2 backprop steps is best, and S ≥ 3 hurts specificity."},
+    ),
+    "loss": Study(
+        tables={
+            "loss": "MSBP+KL vs MSBP+Norm (EMSEdit with loss=kl vs loss=l2): quality and meta-training time.",
+            "time_breakdown": "Share of meta-training time per phase (the paper's pie), per loss and protocol.",
+        },
+        figures={"loss": Figure(("loss", "time_breakdown"), "MSBP+KL vs MSBP+Norm: EMSEdit's meta-training time "
+                                "and average score with loss=kl vs loss=l2, and the share of training time per "
+                                "phase (ours per loss; the paper's pie for KL-trained editors).")},
+        claims={"loss": "The l2 norm constraint cuts meta-training time by 30–40 % against the KL locality loss, "
+                        "at similar quality."},
+    ),
+    "hypernetworks": Study(
+        tables={"hypernetworks": "Shared vs step-specific hypernetworks in sequential editing."},
+        figures={"hypernetworks": Figure(("hypernetworks",), "Shared vs step-specific hypernetworks in sequential "
+                                         "editing (the paper's numbers were not found).")},
+        claims={"hypernetworks": "Step-specific hypernetworks beat a shared hypernetwork in sequential editing."},
+    ),
+    "data_efficiency": Study(
+        tables={"data_efficiency": "Quality vs amount of meta-training data (train turns)."},
+        figures={"data_efficiency": Figure(("data_efficiency",), "Average score against the amount of "
+                                           "meta-training data: EMSEdit vs RLEdit (sequential) and vs MALMEN "
+                                           "(batch); ours and the paper's (in its own units).")},
+        claims={"data_efficiency": "EMSEdit needs less meta-training data: with the least data it beats the "
+                                   "baseline trained on the most."},
+    ),
+    "scaling": Study(
+        tables={"scaling": "Time and peak memory vs edits per batch and vs number of turns."},
+        figures={"scaling": Figure(("scaling",), "Meta-training time and peak memory against edits per batch and "
+                                   "number of turns (ours: wall seconds and peak RSS; the paper's: GPU seconds and "
+                                   "peak GPU memory).")},
+    ),
+}
+
+# Derived views (nothing below is declared twice).
+TABLES = {table: study for study, s in STUDIES.items() for table in s.tables}  # table -> its study
+TABLE_DESCRIPTIONS = {table: text for s in STUDIES.values() for table, text in s.tables.items()}
+FIGURES = {name: fig for s in STUDIES.values() for name, fig in s.figures.items()}  # figure -> Figure
+CLAIMS = {cid: (study, text) for study, s in STUDIES.items() for cid, text in s.claims.items()}  # report order
