@@ -15,6 +15,8 @@ from emsedit.shifts import outer_shift
 class MEND(Editor):
     """MEND: outer-product shift, KL locality loss, up to ``max_steps`` training turns."""
 
+    shift = "outer"
+
     def _shift(self, step: int, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         net = self.nets[step][self.group_of[name]]
         idx = self.index_of[name]

@@ -29,6 +29,7 @@ class _Normalisers(nn.Module):
 class UltraEdit(Editor):
     """UltraEdit: no hypernetwork, no meta-training."""
 
+    shift = "ultra"
     trains = False
 
     @classmethod
@@ -36,7 +37,7 @@ class UltraEdit(Editor):
         return "none"
 
     @classmethod
-    def resolve_sharing(cls, hp: EditorHParams, protocol: str) -> str:
+    def resolve_hypernetworks(cls, hp: EditorHParams, protocol: str) -> str:
         return "per_step"
 
     def build_nets(self) -> list[nn.ModuleDict]:
@@ -49,9 +50,9 @@ class UltraEdit(Editor):
         grads = cache.grads[name]
         size = self.hp.lm_batch_size
         n_edits = getattr(self, "_turn_size", 0)
-        if self.hp.ultraedit_floor_div and n_edits % size != 0 and cache.batch_rows:
+        if self.hp.ultraedit_floor_div and n_edits % size != 0 and cache.minibatch_rows:
             grads = grads.clone()
-            grads[grads.shape[0] - cache.batch_rows[-1]:] = 0.0
+            grads[grads.shape[0] - cache.minibatch_rows[-1]:] = 0.0
         return grads
 
     def predict(self, step: int, cache: StepCache) -> Shifts:

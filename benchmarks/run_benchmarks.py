@@ -79,7 +79,8 @@ def bare_passes(record: dict, model_name: str, dataset: str, threads: int) -> di
     from emsedit.config import ModelConfig
     from emsedit.losses import cross_entropy
     from emsedit.models import answer_forward, load_model, resolve_modules
-    from emsedit.protocols import (build_turns, find_config, load_dataset_config, pick, plan_data)
+    from emsedit.config import find_config
+    from emsedit.plans import build_turns, load_dataset_config, pick, plan_data
 
     torch.set_num_threads(threads)
     cfg = record["config"]
@@ -130,7 +131,8 @@ def bare_passes(record: dict, model_name: str, dataset: str, threads: int) -> di
 
 def run_one(cell: dict, args: argparse.Namespace) -> dict:
     """Run one benchmark cell in this process and measure its bare passes."""
-    from emsedit.protocols import CellOptions, iteration_control, load_editor, run_cell
+    from emsedit.plans import iteration_control, load_editor
+    from emsedit.protocols import CellOptions, run_cell
 
     shape = f"{cell['turns']}x{cell['edits']}"
     opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, protocol=cell["protocol"],

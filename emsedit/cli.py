@@ -146,13 +146,13 @@ def _cell_options(args: argparse.Namespace) -> Any:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from emsedit import protocols
+    from emsedit import plans, protocols
     from emsedit.records import write_record
 
     if args.command == "fetch":
         from emsedit.acquire import obtain_dataset
 
-        dataset = protocols.load_dataset_config(args.dataset)
+        dataset = plans.load_dataset_config(args.dataset)
         for split in ("train", "eval"):
             print(obtain_dataset(dataset, split, data_dir=args.data_dir, mirror=args.mirror))
         return 0
@@ -160,7 +160,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from emsedit.config import ModelConfig
         from emsedit.models import materialize_model
 
-        cfg = ModelConfig.from_yaml(protocols.find_config("models", args.model))
+        cfg = ModelConfig.from_yaml(plans.find_config("models", args.model))
         print(materialize_model(cfg, args.out))
         return 0
     if args.command == "tiny-model":
@@ -169,7 +169,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(save_tiny_model(args.out, style=args.style, seed=args.seed))
         return 0
     if args.command == "order":
-        protocols.write_order(args.dataset, args.n, args.seed, args.out, eval_file=args.eval_file,
+        plans.write_order(args.dataset, args.n, args.seed, args.out, eval_file=args.eval_file,
                               data_dir=args.data_dir)
         return 0
     if args.command == "evaluate":
@@ -185,9 +185,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     for key in ("steps", "loss", "hypernetworks"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    hp = protocols.load_editor(args.editor, overrides)
+    hp = plans.load_editor(args.editor, overrides)
     if args.match_iterations is not None:
-        hp = protocols.iteration_control(hp, args.protocol, args.match_iterations)
+        hp = plans.iteration_control(hp, args.protocol, args.match_iterations)
     opts = _cell_options(args)
     record = protocols.run_cell(hp, opts)
     write_record(args.out, record)

@@ -38,8 +38,10 @@ class EditorHParams:
     name: str
     steps: int = 1  # S, the number of MSBP edit steps per turn ("X²" is steps: 2)
     loss: str = "kl"  # locality term of the meta-loss: KL on locality prompts, or l2 on ΔW
-    shift: str = "ridge"  # ridge least squares (MALMEN), outer product (MEND), ultra (UltraEdit)
-    schedule: str = "batch"  # meta-training schedule; "auto" lets the editor pick by protocol
+    shift: str = "ridge"  # ridge (MALMEN), outer (MEND), ultra (UltraEdit): must name the class's rule
+    schedule: str = "batch"  # meta-training schedule (emsedit/editors/schedules.py): "batch" is the step-wise
+    # schedule of MEND/MALMEN (an optimiser step per MSBP step), whatever the editing protocol; "auto"
+    # lets the editor pick by protocol
     hypernetworks: str = "shared"  # one network for all steps, or one per step
     rank: int = 1024
     rank_decay: str = "floor_div"  # per-step networks get rank // s
@@ -51,7 +53,8 @@ class EditorHParams:
     max_grad_norm: float = 1.0
     n_epochs: int = 1  # passes over the training turns (rollouts restart from the original weights)
     chunk_size: int = 128  # rows pushed through the hypernetwork at once
-    max_steps: int = 1  # training turns of the batch schedule (MALMEN/EMSEdit 1, MEND 100)
+    max_steps: int = 1  # TRAINING TURNS of the batch schedule (MALMEN/EMSEdit 1, MEND 100), not MSBP steps;
+    # the official key name, kept because records carry it (the grid's train_turns overrides it)
     time_decay: float = 0.95  # RLEdit memory backtracking decay
     back_depth: int = 10  # RLEdit memory backtracking depth
     solver: str = "auto"  # ridge solve form; auto = the cheaper of two equal forms

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from emsedit.data import IGNORE_INDEX, LMBatch, Turn
+from emsedit.data import IGNORE_INDEX, MiniBatch, Turn
 
 __all__ = [
     "MetricQuirks",
@@ -144,7 +144,7 @@ def _counterfact_scores(
 
 def score_batch(
     logits: torch.Tensor,
-    batch: LMBatch,
+    batch: MiniBatch,
     kind: Kind,
     *,
     quirks: MetricQuirks = OFFICIAL_QUIRKS,
@@ -228,7 +228,7 @@ def evaluate_turns(
     """
     from tqdm.auto import tqdm
 
-    from emsedit.data import passes
+    from emsedit.batching import passes
     from emsedit.models import answer_forward_many
 
     _check_kind(kind)

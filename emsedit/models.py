@@ -33,7 +33,8 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from .config import REPO_ROOT, ModelConfig
-from .data import LMBatch, joined_rows
+from .batching import joined_rows
+from .data import MiniBatch
 
 __all__ = [
     "ModuleResolutionError",
@@ -416,7 +417,7 @@ def _first_answer(labels: torch.Tensor) -> int:
     return int(scored[0]) if len(scored) else labels.shape[1] - 1
 
 
-def answer_forward(model: nn.Module, batch: LMBatch) -> tuple[torch.Tensor, LMBatch]:
+def answer_forward(model: nn.Module, batch: MiniBatch) -> tuple[torch.Tensor, MiniBatch]:
     """Run the model on a mini-batch, computing logits only at the answer positions.
 
     The output layer (vocabulary × hidden) is a large share of a small model's forward pass, and only
@@ -427,8 +428,8 @@ def answer_forward(model: nn.Module, batch: LMBatch) -> tuple[torch.Tensor, LMBa
     return answer_forward_many(model, [batch])[0]
 
 
-def _joined_pass(model: nn.Module, batches: Sequence[LMBatch]
-                 ) -> Iterator[tuple[LMBatch, int, torch.Tensor | None, torch.Tensor]]:
+def _joined_pass(model: nn.Module, batches: Sequence[MiniBatch]
+                 ) -> Iterator[tuple[MiniBatch, int, torch.Tensor | None, torch.Tensor]]:
     """One pass over the stacked mini-batches; yields, per mini-batch, (batch, first answer position,
     its scored positions from there (None when the pass's logits are not compact), its logits): the
     logits of its scored positions in row-major order, or its slice of the full logits."""
@@ -462,12 +463,12 @@ def _joined_pass(model: nn.Module, batches: Sequence[LMBatch]
         row += n
 
 
-def answer_forward_many(model: nn.Module, batches: Sequence[LMBatch]) -> list[tuple[torch.Tensor, LMBatch]]:
+def answer_forward_many(model: nn.Module, batches: Sequence[MiniBatch]) -> list[tuple[torch.Tensor, MiniBatch]]:
     """:func:`answer_forward` of each mini-batch, computed in one pass over all of them.
 
     The mini-batches are stacked row-wise (right padding is invisible to earlier positions under
     causal attention) and each one gets logits of the shape a pass of its own gives, so callers keep
-    per-mini-batch scores. Group mini-batches with :func:`emsedit.data.passes`.
+    per-mini-batch scores. Group mini-batches with :func:`emsedit.batching.passes`.
     """
     from dataclasses import replace
 
@@ -482,7 +483,7 @@ def answer_forward_many(model: nn.Module, batches: Sequence[LMBatch]) -> list[tu
     return out
 
 
-def answer_rows_many(model: nn.Module, batches: Sequence[LMBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def answer_rows_many(model: nn.Module, batches: Sequence[MiniBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per mini-batch of one joined pass: logits at its scored positions (rows × vocabulary) and their
     labels, in row-major order. What the training losses need, without the zero-filled layout."""
     out = []

@@ -8,7 +8,7 @@ editing) run layers ``0..L−1`` as stand-ins that return the recorded tensor, s
 and the output head are computed.
 
 :meth:`PrefixCachedModel.joined` serves a pass over several stacked mini-batches (up to
-``PASS_ROWS`` prompts, grouped by :func:`emsedit.data.passes`): it computes the unknown ones' lower
+``PASS_ROWS`` prompts, grouped by :func:`emsedit.batching.passes`): it computes the unknown ones' lower
 layers in one early-stopped pass (:meth:`PrefixCachedModel.warm`; rows right-padded to the widest,
 which causal attention keeps invisible to earlier positions). On two CPU cores a pass over 16 prompts costs ~24 ms per prompt
 against ~38 ms in passes of 4. The numbers agree with one pass per mini-batch to float rounding
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emsedit.data import joined_rows, passes
+from emsedit.batching import joined_rows, passes
 
 SHARED_FORMAT = "emsedit-prefix-activations/2"  # /2: lower layers computed in passes of PASS_ROWS prompts
 
@@ -146,7 +146,7 @@ class PrefixCachedModel(nn.Module):
         """Compute the lower layers of the mini-batches not yet known, in passes of ``PASS_ROWS`` prompts.
 
         ``batches`` are LM mini-batches (``input_ids``, ``attention_mask``). The passes are the
-        consecutive groups of :func:`emsedit.data.passes` over the whole list, whatever is already
+        consecutive groups of :func:`emsedit.batching.passes` over the whole list, whatever is already
         known, so a mini-batch's numbers depend only on the list it was warmed in.
         """
         if not self.enabled:

@@ -17,7 +17,7 @@ import yaml
 
 from emsedit.acquire import MIRROR_ENV, AcquireError, obtain, obtain_dataset
 from emsedit.cli import main
-from emsedit.data import read_requests
+from emsedit.schemas import read_requests
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MIRROR = REPO.parent / "shared" / "data"

@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from emsedit import cli
 from emsedit.editors.base import Editor
 from emsedit.config import REPO_ROOT
-from emsedit.protocols import FAULT_ENV
 from emsedit.tiny import save_tiny_model
 
 torch.set_num_threads(1)
@@ -69,7 +68,7 @@ def strip(record):
 
 
 def subprocess_env(**extra):
-    e = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    e = dict(os.environ)
     e.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **extra})
     return e
 
@@ -131,6 +130,15 @@ def test_different_seed_changes_the_order(env, reference, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- resume
+# The CLI, with the process killed (exit 75) right after checkpoint write N: the test passes the hook
+# to run_cell; the library reads nothing from the environment for it.
+KILL_AFTER_CHECKPOINT = """
+import os, sys
+from emsedit import cli, protocols
+n, real = int(sys.argv[1]), protocols.run_cell
+protocols.run_cell = lambda hp, opts: real(hp, opts, after_checkpoint=lambda w: os._exit(75) if w >= n else None)
+sys.exit(cli.main(sys.argv[2:]))
+"""
 @pytest.mark.parametrize("fault_after", [1, 5])
 def test_resume_after_fault_equals_uninterrupted(env, reference, reference_state, tmp_path, monkeypatch,
                                                 fault_after):
@@ -138,8 +146,8 @@ def test_resume_after_fault_equals_uninterrupted(env, reference, reference_state
     turns, 4 = the start of editing, 5 = after the first edit turn), then rerun the same command."""
     out = tmp_path / "resumed.json"
     args = run_args(env, out, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0")
-    proc = subprocess.run([sys.executable, "-m", "emsedit", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env=subprocess_env(**{FAULT_ENV: str(fault_after)}), timeout=300)
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(fault_after), *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert not out.exists()
     state = json.loads(next((tmp_path / "ckpt").glob("*/state.json")).read_text())
@@ -179,10 +187,7 @@ class _Killed(BaseException):
 
 def test_resume_keeps_the_per_turn_curve(env, tmp_path, monkeypatch):
     """With --curve, a run resumed in the editing phase must report the same curve as an
-    uninterrupted one.
-
-    Currently FAILS: the curve entries of the turns edited before the fault are not in the
-    checkpoint, so the resumed record's metrics.curve lacks them (turns [2] instead of [1, 2])."""
+    uninterrupted one (the curve entries of the turns edited before the fault are in the checkpoint)."""
     import emsedit.protocols as protocols
 
     ref_out = tmp_path / "ref.json"
@@ -193,12 +198,13 @@ def test_resume_keeps_the_per_turn_curve(env, tmp_path, monkeypatch):
     out = tmp_path / "resumed.json"
     args = run_args(env, out, "--curve", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0")
 
-    def killed(status):
-        raise _Killed(status)
+    def killed(writes):
+        if writes >= 5:  # after the first edit turn
+            raise _Killed(writes)
 
+    real = protocols.run_cell
     with monkeypatch.context() as m:
-        m.setattr(protocols.os, "_exit", killed)
-        m.setenv(FAULT_ENV, "5")  # after the first edit turn
+        m.setattr(protocols, "run_cell", lambda hp, opts: real(hp, opts, after_checkpoint=killed))
         with pytest.raises(_Killed):
             cli.main(args)
     assert not out.exists()
@@ -305,6 +311,7 @@ def _expect_user_error(args, out, capsys, needle):
     (["--set", "adam_iterations_per_step=0"], "adam_iterations_per_step"),
     (["--set", "shared_net_adam_repeats=maybe"], "shared_net_adam_repeats"),
     (["--set", "kl_backward_reverted=sometimes"], "kl_backward_reverted"),
+    (["--set", "shift=outer"], "shift"),  # the YAML must name the rule the class implements
     (["--match-iterations", "0"], "--match-iterations"),
     (["--match-iterations", "2", "--steps", "2"], "S = 1"),  # a control runs S = 1
     (["--match-iterations", "2", "--steps", "1", "--set", "adam_iterations_per_step=3"], "adam_iterations_per_step"),

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from emsedit.data import DataError, EditRequest, EmptyTargetError, read_requests
+from emsedit.data import DataError, EditRequest, EmptyTargetError
+from emsedit.schemas import read_requests
 
 MEND = {
     "subject": "UniFirst",
@@ -250,11 +251,12 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_passes_group_consecutive_mini_batches_up_to_the_row_limit():
-    from emsedit.data import LMBatch, passes
+    from emsedit.batching import passes
+    from emsedit.data import MiniBatch
 
-    def batch(rows: int) -> LMBatch:
+    def batch(rows: int) -> MiniBatch:
         z = torch.zeros(rows, 3, dtype=torch.long)
-        return LMBatch(input_ids=z, attention_mask=z, labels=z)
+        return MiniBatch(input_ids=z, attention_mask=z, labels=z)
 
     sizes = [4, 4, 4, 4, 4, 20, 2, 3]
     groups = passes([batch(n) for n in sizes], max_rows=16)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from emsedit.config import REPO_ROOT
-from emsedit.data import EditRequest, make_turn
+from emsedit.batching import make_turn
+from emsedit.data import EditRequest
 from emsedit.config import ConfigError
 from emsedit.editors import NonFiniteError
 from emsedit.registry import declarations, editor_class, editor_names
@@ -407,8 +408,8 @@ def test_ultraedit_floor_div(toks, n_edits, floor_div, zeroed):
     ed = make_editor(toks, "ultraedit", "sequential", lr=EDIT_LR["ultraedit"], ultraedit_floor_div=floor_div)
     turn = turns(toks, "llama", [n_edits], "eval")[0]
     cache = ed.cache(turn, 0)
-    assert len(cache.batch_rows) == 2
-    last = cache.batch_rows[-1]
+    assert len(cache.minibatch_rows) == 2
+    last = cache.minibatch_rows[-1]
     for n in ed.modules:
         got = ed._grads_with_quirk(cache, n)
         assert torch.count_nonzero(cache.grads[n][-last:]) > 0
@@ -421,7 +422,7 @@ def test_ultraedit_floor_div(toks, n_edits, floor_div, zeroed):
     shifts = ed.predict(0, cache)
     if zeroed:
         patched = StepCache(dict(cache.keys), {n: g.clone() for n, g in cache.grads.items()},
-                            list(cache.batch_rows))
+                            list(cache.minibatch_rows))
         for g in patched.grads.values():
             g[-last:] = 0.0
         ed.hp = ed.hp.with_overrides({"ultraedit_floor_div": False})

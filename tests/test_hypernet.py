@@ -162,7 +162,7 @@ def _ranks(step_nets) -> set[int]:
 
 def test_emsedit_sequential_builds_distinct_networks_with_decaying_ranks(tiny_llama):
     ed = _editor(tiny_llama, "emsedit", "sequential", steps=4)
-    assert ed.sharing == "per_step" and ed.schedule == "rollout"
+    assert ed.hypernetworks == "per_step" and ed.schedule == "rollout"
     assert len(ed.nets) == 4
     assert len({id(n) for n in ed.nets}) == 4
     assert len(ed.distinct_nets()) == 4
@@ -178,7 +178,7 @@ def test_emsedit_sequential_builds_distinct_networks_with_decaying_ranks(tiny_ll
 
 def test_emsedit_batch_shares_one_network_object(tiny_llama):
     ed = _editor(tiny_llama, "emsedit", "batch", steps=4)
-    assert ed.sharing == "shared" and ed.schedule == "batch"
+    assert ed.hypernetworks == "shared" and ed.schedule == "batch"
     assert all(n is ed.nets[0] for n in ed.nets)
     assert len(ed.distinct_nets()) == 1
     assert _ranks(ed.nets[0]) == {1024}

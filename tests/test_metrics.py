@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from emsedit.data import EditRequest, LMBatch, make_turn
+from emsedit.batching import make_turn
+from emsedit.data import EditRequest, MiniBatch
 from emsedit.metrics import (
     CORRECTED_QUIRKS,
     OFFICIAL_QUIRKS,
@@ -24,7 +25,7 @@ V = 8  # vocabulary size of the hand-made logits
 FILL = -10.0
 
 
-def cf_batch(rows: Sequence[tuple[int, list[int], list[int]]], old_pad: int) -> LMBatch:
+def cf_batch(rows: Sequence[tuple[int, list[int], list[int]]], old_pad: int) -> MiniBatch:
     """Build a right-padded CounterFact batch from (prompt length, answer A, answer B) rows.
 
     Prompt tokens are id 1; labels = [-100]*(P-1) ⧺ A, old_labels = [-100]*(P-1) ⧺ B, each matrix
@@ -45,10 +46,10 @@ def cf_batch(rows: Sequence[tuple[int, list[int], list[int]]], old_pad: int) -> 
         labels[r, : len(lab)] = torch.tensor(lab)
         olab = [-100] * (p - 1) + b
         old[r, : len(olab)] = torch.tensor(olab)
-    return LMBatch(input_ids, mask, labels, old, old_pad)
+    return MiniBatch(input_ids, mask, labels, old, old_pad)
 
 
-def logits_for(batch: LMBatch, values: dict[tuple[int, int, int], float]) -> torch.Tensor:
+def logits_for(batch: MiniBatch, values: dict[tuple[int, int, int], float]) -> torch.Tensor:
     """Logits of the batch's shape, FILL everywhere except the given (row, position, token) values."""
     out = torch.full((*batch.labels.shape, V), FILL)
     for (r, t, v), x in values.items():
@@ -69,7 +70,7 @@ def needs_minus100(q: MetricQuirks) -> bool:
 
 def test_zsre_token_accuracy() -> None:
     labels = torch.tensor([[-100, 2, 3], [-100, -100, 4], [-100, -100, -100]])
-    batch = LMBatch(torch.zeros_like(labels), torch.ones_like(labels), labels)
+    batch = MiniBatch(torch.zeros_like(labels), torch.ones_like(labels), labels)
     logits = torch.full((3, 3, V), FILL)
     logits[0, 1, 2] = 1.0  # correct
     logits[0, 2, 1] = 1.0  # wrong (label 3)
@@ -166,7 +167,7 @@ def test_cf_corrected_pad_needs_minus100_batches() -> None:
 
 def test_cf_needs_old_labels_and_shapes_must_fit() -> None:
     labels = torch.tensor([[-100, 3]])
-    batch = LMBatch(torch.zeros_like(labels), torch.ones_like(labels), labels)
+    batch = MiniBatch(torch.zeros_like(labels), torch.ones_like(labels), labels)
     with pytest.raises(ValueError, match="old_labels"):
         score_batch(torch.zeros(1, 2, V), batch, "counterfact")
     with pytest.raises(ValueError, match="do not fit"):

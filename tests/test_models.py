@@ -74,7 +74,8 @@ def model_and_patterns(request, llama64, gpt2_64):
 
 def test_answer_forward_matches_full_logits_at_scored_positions(model_and_patterns):
     """Logits come only from answer positions, yet equal the full model's there, gradients included."""
-    from emsedit.data import EditRequest, make_turn
+    from emsedit.batching import make_turn
+    from emsedit.data import EditRequest
 
     model, patterns = model_and_patterns
     tok = make_tokenizer("llama" if "layers" in patterns[0] else "gpt2")

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from emsedit.config import REPO_ROOT
-from emsedit.data import EditRequest, make_turn
+from emsedit.batching import make_turn
+from emsedit.data import EditRequest
 from emsedit.registry import editor_class
 from emsedit.editors.base import StepCache
 from emsedit.editors.emsedit import EMSEdit

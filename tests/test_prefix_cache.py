@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emsedit.data import EditRequest, make_turn
+from emsedit.batching import make_turn
+from emsedit.data import EditRequest
 from emsedit.losses import cross_entropy
 from emsedit.models import (
     add_shift,

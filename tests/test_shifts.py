@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from emsedit.config import REPO_ROOT
-from emsedit.data import EditRequest, make_turn
+from emsedit.batching import make_turn
+from emsedit.data import EditRequest
 from emsedit.registry import editor_class
 from emsedit.hparams import load_editor_hparams
 from emsedit.models import resolve_modules

@@ -1,4 +1,4 @@
-"""Tests for spec §4.2 tokenisation and §4.3 collation (emsedit.data.make_turn)."""
+"""Tests for spec §4.2 tokenisation and §4.3 collation (emsedit.batching.make_turn)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from emsedit.data import EditRequest, LMBatch, Turn, make_turn
+from emsedit.batching import make_turn
+from emsedit.data import EditRequest, MiniBatch, Turn
 from tokenizers_for_tests import gpt2_style_tokenizer, llama_style_tokenizer
 
 torch.set_num_threads(1)
@@ -52,7 +53,7 @@ ZSRE = [
 ]
 
 
-def rows(batches: list[LMBatch]) -> list[dict[str, Any]]:
+def rows(batches: list[MiniBatch]) -> list[dict[str, Any]]:
     """Unpad every row of every batch: the real (unpadded) sequences."""
     out = []
     for b in batches:

@@ -7,9 +7,8 @@ of the edited modules. The base class owns:
 * ``predict``  — rows → hypernetwork → per-token value changes → ridge shift (spec §6.5);
 * ``apply``    — in-place add (or revert) of the shifts, with a finiteness guard;
 * ``edit_turn`` — the MSBP inner loop: S times cache → predict → apply, never reverted (spec §5.2);
-* ``meta_train`` — the training schedules: ``batch`` (MEND/MALMEN, EMSEdit batch: step-wise
-  updates), ``rollout`` (EMSEdit sequential) and ``rollout_backtrack`` (RLEdit), and the meta-update
-  through the analytic ridge gradient (spec §6.6);
+* the meta-update through the analytic ridge gradient (spec §6.6) and the optimiser step; the
+  training schedules that drive them (``meta_train``) live in :mod:`emsedit.editors.schedules`;
 * the locality term of the meta-loss: KL on locality prompts or the l2 norm of the weight change.
 
 Subclasses are small: they choose hyperparameters, resolve protocol-dependent choices, and (MEND,
@@ -24,9 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from emsedit.data import LMBatch, Turn, joined_rows, passes
+from emsedit.batching import joined_rows, passes
+from emsedit.config import ConfigError
+from emsedit.data import MiniBatch, Turn
+from emsedit.editors.schedules import TrainingSchedules
 from emsedit.hparams import EditorHParams
 from emsedit.hypernet import HyperNet, step_ranks
 from emsedit.losses import (
@@ -58,17 +59,18 @@ class StepCache:
 
     keys: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor]
-    batch_rows: list[int] = field(default_factory=list)  # answer rows contributed by each LM mini-batch
+    minibatch_rows: list[int] = field(default_factory=list)  # answer rows contributed by each LM mini-batch
 
 
 Shifts = dict[str, torch.Tensor]
 CheckpointHook = Callable[[str, int], None]
 
 
-class Editor:
+class Editor(TrainingSchedules):
     """Base class of all editors; see the module docstring for what it owns."""
 
     trains: bool = True  # False for training-free editors (UltraEdit)
+    shift: str = "ridge"  # the shift rule this class implements; the YAML's ``shift:`` must name it
 
     def __init__(
         self,
@@ -82,10 +84,11 @@ class Editor:
     ) -> None:
         if protocol not in ("sequential", "batch"):
             raise ValueError(f"unknown protocol {protocol!r}; expected sequential or batch")
+        self.check_hparams(hp)
         self.model, self.modules, self.hp, self.protocol = model, modules, hp, protocol
         self.timer = timer or PhaseTimer()
         self.schedule = self.resolve_schedule(hp, protocol)
-        self.sharing = self.resolve_sharing(hp, protocol)
+        self.hypernetworks = self.resolve_hypernetworks(hp, protocol)
         self.groups: dict[str, list[str]] = {}
         for name, module in modules.items():
             d_in, d_out = weight_shape(module)
@@ -107,6 +110,13 @@ class Editor:
 
     # ------------------------------------------------------------------ choices a subclass may make
     @classmethod
+    def check_hparams(cls, hp: EditorHParams) -> None:
+        """Reject hyperparameters this class cannot honour (before any model is loaded)."""
+        if hp.shift != cls.shift:
+            raise ConfigError(f"editor {hp.name!r}: shift={hp.shift!r}, but {cls.__name__} implements the "
+                              f"{cls.shift!r} shift rule")
+
+    @classmethod
     def resolve_schedule(cls, hp: EditorHParams, protocol: str) -> str:
         """The meta-training schedule; ``auto`` is resolved by subclasses that need it."""
         if hp.schedule == "auto":
@@ -114,7 +124,7 @@ class Editor:
         return hp.schedule
 
     @classmethod
-    def resolve_sharing(cls, hp: EditorHParams, protocol: str) -> str:
+    def resolve_hypernetworks(cls, hp: EditorHParams, protocol: str) -> str:
         """Whether the S steps share one hypernetwork (``shared``) or have one each (``per_step``)."""
         if hp.hypernetworks == "auto":
             raise ValueError(f"editor {hp.name!r} does not resolve hypernetworks=auto")
@@ -128,8 +138,8 @@ class Editor:
         The batch schedule takes one optimiser step per MSBP step; a network shared by S steps gets
         S iterations per optimiser step when ``shared_net_adam_repeats`` (quirk 22).
         """
-        schedule, sharing = cls.resolve_schedule(hp, protocol), cls.resolve_sharing(hp, protocol)
-        repeats = hp.steps if (sharing == "shared" and hp.shared_net_adam_repeats) else 1
+        schedule, hypernetworks = cls.resolve_schedule(hp, protocol), cls.resolve_hypernetworks(hp, protocol)
+        repeats = hp.steps if (hypernetworks == "shared" and hp.shared_net_adam_repeats) else 1
         return repeats * hp.adam_iterations_per_step * (hp.steps if schedule == "batch" else 1)
 
     @classmethod
@@ -150,10 +160,10 @@ class Editor:
         ranks = step_ranks(self.hp.rank, self.hp.steps, self.hp.rank_decay)
         nets: list[nn.ModuleDict] = []
         for step in range(self.hp.steps):
-            if self.sharing == "shared" and nets:
+            if self.hypernetworks == "shared" and nets:
                 nets.append(nets[0])
                 continue
-            rank = self.hp.rank if self.sharing == "shared" else ranks[step]
+            rank = self.hp.rank if self.hypernetworks == "shared" else ranks[step]
             nets.append(nn.ModuleDict({
                 group: HyperNet(
                     *map(int, group.split("x")), len(names), rank=rank, n_blocks=self.hp.n_blocks,
@@ -320,11 +330,11 @@ class Editor:
         for module in self.modules.values():
             module.weight.grad = None
 
-    def _answers(self, batches: Sequence[LMBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _answers(self, batches: Sequence[MiniBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Logits at answer positions and their labels, per mini-batch of one joined pass."""
         return answer_rows_many(self.model, batches)
 
-    def reference_log_probs(self, batches: Sequence[LMBatch]) -> list[torch.Tensor]:
+    def reference_log_probs(self, batches: Sequence[MiniBatch]) -> list[torch.Tensor]:
         """Answer-position log-probabilities at the current weights (the KL reference)."""
         with torch.no_grad():
             return [answer_log_probs(*answer) for group in passes(batches) for answer in self._answers(group)]
@@ -424,196 +434,10 @@ class Editor:
         self.stats["optimizer_steps"] += 1
         self.stats["adam_iterations"] += iterations
 
-    # ------------------------------------------------------------------ one training step
-    def _train_shift(self, turn: Turn, step: int) -> tuple[StepCache, Shifts] | None:
-        """Cache and predict one training step; None (counted) when the shift is not finite."""
-        with self.timer.phase("train_cache"):
-            cache = self.cache(turn, step)
-        with self.timer.phase("train_predict_shift"):
-            shifts = self.predict(step, cache)
-        if not self._all_finite(shifts.values()):
-            self._nonfinite(f"training shift, step {step + 1}", self.stats)
-            return None
-        return cache, shifts
-
-    def _train_step(
-        self,
-        turn: Turn,
-        step: int,
-        *,
-        loss_turns: Sequence[tuple[Turn, float]],
-        eta: float,
-    ) -> tuple[StepCache, Shifts] | None:
-        """Cache, predict and apply one step, then back-propagate the meta-loss into the weights.
-
-        Returns (cache, shifts) with the shift applied and Γ in the weights' ``.grad``, or None when
-        the step was not finite (nothing is then left applied).
-        """
-        out = self._train_shift(turn, step)
-        if out is None:
-            return None
-        cache, shifts = out
-        refs = None
-        if self.hp.loss == "kl":
-            with self.timer.phase("train_locality_loss"):
-                refs = [self.reference_log_probs(t.unrel) for t, _ in loss_turns]
-        self.zero_lm_grads()
-        unedited = self._kl_backward_weights(refs)
-        self.apply(shifts)
-        with self.timer.phase("train_edit_loss"):
-            edit = self.edit_loss(loss_turns)
-        with self.timer.phase("train_locality_loss"):
-            loc = self.kl_loss(loss_turns, refs, unedited) if refs is not None else self.add_l2_grad(eta)
-        if not (math.isfinite(edit) and math.isfinite(loc)):
-            self.apply(shifts, -1)
-            self.zero_lm_grads()
-            self._nonfinite(f"training loss, step {step + 1}", self.stats)
-            return None
-        self._nonfinite_in_row = 0
-        self.stats["losses"].append(round(edit + loc, 6))
-        return cache, shifts
-
-    def _kl_backward_weights(self, refs: object) -> Shifts | None:
-        """The weights at which RLEdit's KL term is back-propagated: this step's unedited ones.
-
-        The official RLEdit reverts the step's edit (through ``.data``) before ``backward`` on the
-        summed KL term, so autograd's input-Jacobians of the edited layers see W, not W + ΔW
-        (``kl_backward_reverted``; only the backtracking schedule, only with the KL loss).
-        """
-        if refs is None or self.schedule != "rollout_backtrack" or not self.hp.kl_backward_reverted:
-            return None
-        return {name: m.weight.detach().clone() for name, m in self.modules.items()}
-
-    def _update(self, steps: Sequence[tuple[int, StepCache, Shifts]], gammas: Shifts) -> None:
-        """Meta-gradient of each given step from the same Γ, clipping after each (spec §7.5.2)."""
-        with self.timer.phase("train_hypernet_update"):
-            for step, cache, shifts in steps:
-                self.accumulate_metagrad(step, cache, shifts, gammas)
-                self.clip()
-
-    # ------------------------------------------------------------------ schedules
-    def meta_train(self, turns: Sequence[Turn], *, on_turn_done: CheckpointHook | None = None,
-                   start: int = 0) -> None:
-        """Meta-train on the given training turns with this editor's schedule.
-
-        ``start`` skips the first ``start`` units of work (epoch × turns) when resuming from a
-        checkpoint; ``on_turn_done(phase, units_done)`` is called after each unit.
-        """
-        if not self.trains or self.schedule == "none":
-            return
-        schedule = {
-            "batch": self._train_batch,
-            "rollout": self._train_rollout,
-            "rollout_backtrack": self._train_backtrack,
-        }[self.schedule]
-        units = [(epoch, t) for epoch in range(self.hp.n_epochs) for t in range(len(turns))]
-        bar = tqdm(total=len(units), initial=start, desc=f"meta-train {self.hp.name}", unit="turn",
-                   leave=False, disable=None)
-        for unit, (epoch, t) in enumerate(units):
-            if unit < start:
-                continue
-            if t == 0 and epoch > 0:
-                self.restore_weights()  # each epoch's rollout starts from the original weights
-            schedule(turns, t, last=(t == len(turns) - 1))
-            self.stats["train_turns"] += 1
-            bar.update()
-            if on_turn_done is not None:
-                on_turn_done("train", unit + 1)
-        bar.close()
-        self.restore_weights()
-
     def restore_weights(self) -> None:
         """Put the original weights back (the official code reloads the model after training)."""
         restore_weights(self.modules, self.originals)
         self.zero_lm_grads()
-
-    def _train_batch(self, turns: Sequence[Turn], t: int, *, last: bool) -> None:
-        """MEND/MALMEN training, and EMSEdit's step-wise updating in batch mode (spec §7.2, §7.5.3).
-
-        Each step: cache → predict → apply → CE(paraphrases) + locality → revert → meta-gradient →
-        Adam step. With ``batch_train_revert: false`` step s trains from W + ΔW_{<s} instead.
-        """
-        turn = turns[t]
-        applied: list[Shifts] = []
-        for step in range(self.hp.steps):
-            out = self._train_step(turn, step, loss_turns=[(turn, 1.0)], eta=self.hp.eta)
-            if out is None:
-                continue
-            cache, shifts = out
-            gammas = self.weight_grads()
-            self.zero_lm_grads()
-            if self.hp.batch_train_revert:
-                self.apply(shifts, -1)
-            else:
-                applied.append(shifts)
-            self._update([(step, cache, shifts)], gammas)
-            self.optimizer_step()
-        for shifts in reversed(applied):
-            self.apply(shifts, -1)
-
-    def _rollout_eta(self) -> float:
-        return self.hp.eta * self.hp.eta if self.hp.eta_applied_twice else self.hp.eta
-
-    def _train_rollout(self, turns: Sequence[Turn], t: int, *, last: bool) -> None:
-        """EMSEdit sequential meta-training: one turn of a training rollout (spec §7.5.2).
-
-        S steps are applied and kept; one loss at the final weights — Σ CE(paraphrases) plus the
-        locality term (η·‖W − W_orig‖² over the whole rollout's drift, or KL against the weights at
-        the start of the turn) — and the same Γ reaches every step's network. The rollout's edits
-        accumulate; one Adam step at the end of the rollout (``optimizer_step: turn`` for one per turn).
-        """
-        turn = turns[t]
-        refs = None
-        if self.hp.loss == "kl":
-            with self.timer.phase("train_locality_loss"):
-                refs = [self.reference_log_probs(turn.unrel)]
-        done: list[tuple[int, StepCache, Shifts]] = []
-        for step in range(self.hp.steps):
-            out = self._train_shift(turn, step)
-            if out is None:
-                continue
-            self.apply(out[1])
-            done.append((step, *out))
-        self.zero_lm_grads()
-        if done:
-            with self.timer.phase("train_edit_loss"):
-                edit = self.edit_loss([(turn, 1.0)])
-            with self.timer.phase("train_locality_loss"):
-                loc = self.kl_loss([(turn, 1.0)], refs) if refs else self.add_l2_grad(self._rollout_eta())
-            if math.isfinite(edit) and math.isfinite(loc):
-                self._nonfinite_in_row = 0
-                self.stats["losses"].append(round(edit + loc, 6))
-                gammas = self.weight_grads()
-                self.zero_lm_grads()
-                self._update(done, gammas)
-            else:
-                self.zero_lm_grads()
-                self._nonfinite("training loss", self.stats)
-        if self.hp.optimizer_step == "turn" or last:
-            self.optimizer_step()
-
-    def _train_backtrack(self, turns: Sequence[Turn], t: int, *, last: bool) -> None:
-        """RLEdit meta-training: one turn of a rollout with memory backtracking (spec §7.3).
-
-        At each step the loss covers the paraphrases (and locality prompts) of this turn and of up to
-        ``back_depth − 1`` earlier turns, weighted by ``time_decay^j``; the LM gradient is reset at
-        each step, so every step's network receives the last step's Γ. The edit is kept.
-        """
-        depth = min(self.hp.back_depth, t + 1)
-        loss_turns = [(turns[t - j], self.hp.time_decay ** j) for j in range(depth)]
-        done: list[tuple[int, StepCache, Shifts]] = []
-        gammas: Shifts | None = None
-        for step in range(self.hp.steps):
-            out = self._train_step(turns[t], step, loss_turns=loss_turns, eta=self.hp.eta)
-            if out is None:
-                continue
-            done.append((step, *out))
-            gammas = self.weight_grads()
-            self.zero_lm_grads()
-        if gammas is not None:
-            self._update(done, gammas)
-        if self.hp.optimizer_step == "turn" or last:
-            self.optimizer_step()
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ class EMSEdit(Editor):
         return "rollout" if protocol == "sequential" else "batch"
 
     @classmethod
-    def resolve_sharing(cls, hp: EditorHParams, protocol: str) -> str:
+    def resolve_hypernetworks(cls, hp: EditorHParams, protocol: str) -> str:
         if hp.hypernetworks != "auto":
             return hp.hypernetworks
         return "per_step" if protocol == "sequential" else "shared"
