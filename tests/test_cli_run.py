@@ -330,11 +330,8 @@ def test_config_errors_exit_2_with_one_line(env, tmp_path, capsys, extra, needle
 
 @pytest.mark.parametrize("which", ["eval-file", "dataset-file"])
 def test_missing_data_file_exit_2_with_one_line(env, tmp_path, capsys, monkeypatch, which):
-    """A missing data file is a user error named in one line, found before the model is loaded.
-
-    Currently FAILS: run_cell loads the model (and builds the editor) before it looks at the data
-    files, so the model-loading progress bar precedes the error on stderr, and a typo in a path
-    costs a full model load. See the report for the proposed fix."""
+    """A missing data file is a user error named in one line, found before the model is loaded (a
+    typo in a path must not cost a full model load)."""
     import emsedit.protocols as protocols
 
     monkeypatch.delenv("EMSEDIT_DATA_MIRROR", raising=False)

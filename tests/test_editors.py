@@ -456,10 +456,8 @@ def test_ultraedit_shift_formula(toks):
 
 
 def test_nonfinite_cache_does_not_poison_the_normaliser(toks, monkeypatch):
-    """A non-finite cache is skipped; the next, finite turn must train normally.
-
-    Currently FAILS: Editor.cache merges the non-finite rows into the running normaliser before the
-    finiteness check, so mean/std stay NaN for good and every later step is skipped too."""
+    """A non-finite cache is skipped; the next, finite turn must train normally (non-finite rows
+    never reach the running normaliser, whose mean/std would otherwise stay NaN for good)."""
     import emsedit.editors.base as base
 
     ed = make_editor(toks, "malmen", "batch", lr=EDIT_LR["malmen"], max_nonfinite_in_row=3)
