@@ -23,7 +23,7 @@ from emsedit.config import REPO_ROOT, ConfigError
 from emsedit.registry import declaration, declarations, editor_class, read_declaration
 
 sys.path.insert(0, str(REPO_ROOT / "workflow" / "scripts"))
-import analysis  # noqa: E402
+import aggregation  # noqa: E402
 import grid  # noqa: E402
 
 
@@ -83,12 +83,12 @@ def test_a_yaml_path_declares_a_new_editor(tmp_path, monkeypatch):
 def test_labels_come_from_the_declarations(tmp_path):
     copy_editor(tmp_path)
     try:
-        analysis.use_editors(tmp_path / "config")
-        assert analysis.editor_label("mymalmen", 2, "kl") == "MyMALMEN²"
-        assert analysis.editor_label("mymalmen", 1, "l2") == "MyMALMEN (L2)"
-        assert analysis.editor_label("emsedit", 2, "kl") == "EMSEdit (KL)"
+        aggregation.use_editors(tmp_path / "config")
+        assert aggregation.editor_label("mymalmen", 2, "kl") == "MyMALMEN²"
+        assert aggregation.editor_label("mymalmen", 1, "l2") == "MyMALMEN (L2)"
+        assert aggregation.editor_label("emsedit", 2, "kl") == "EMSEdit (KL)"
     finally:
-        analysis.use_editors(REPO_ROOT / "config")
+        aggregation.use_editors(REPO_ROOT / "config")
 
 
 def test_a_copied_editor_runs_as_a_workflow_grid_entry(tmp_path):

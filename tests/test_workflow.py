@@ -26,8 +26,10 @@ FIXTURES = Path(__file__).resolve().parent / "workflow_fixtures"
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 sys.path.insert(0, str(FIXTURES))
 
-import analysis  # noqa: E402
+import aggregation  # noqa: E402
 import grid  # noqa: E402
+import seed_statistics  # noqa: E402
+import study_main  # noqa: E402
 from synthetic_records import write_records  # noqa: E402
 
 TEST_CONFIG = ROOT / ".test" / "config.yaml"
@@ -132,27 +134,27 @@ def test_msbp_control_columns_and_sub_tests():
         return [{"study": "main", "variant_label": "trained", "dataset": "zsre", "model": "m", "protocol": protocol,
                  "editor": editor, "steps": steps, "iterations": iterations, "loss": "kl", "hypernetworks": "default",
                  "turns": 1, "edits": 16, "train_turns": "default", "seed": seed, "adam_iterations": adam,
-                 **{f"post_{m}": post + seed for m in analysis.METRICS}} for seed in range(3)]
+                 **{f"post_{m}": post + seed for m in aggregation.METRICS}} for seed in range(3)]
     frame = pd.DataFrame(cells("malmen", "batch", 1, "own", 20.0, 1) + cells("malmen", "batch", 2, "own", 30.0, 4)
                          + cells("malmen", "batch", 1, "S2", 28.0, 4)
                          + cells("rledit", "sequential", 1, "own", 20.0, 1) + cells("rledit", "sequential", 2, "own", 25.0, 1))
-    frame["label"] = [analysis.editor_label(e, s, l, i) for e, s, l, i in
+    frame["label"] = [aggregation.editor_label(e, s, l, i) for e, s, l, i in
                       zip(frame.editor, frame.steps, frame.loss, frame.iterations)]
-    assert analysis.editor_label("malmen", 1, "kl", "S2") == "MALMEN (S=1, iterations of S=2)"
+    assert aggregation.editor_label("malmen", 1, "kl", "S2") == "MALMEN (S=1, iterations of S=2)"
     ref = {"main": pd.DataFrame(columns=["protocol", "model", "dataset", "editor", "metric", "value"])}
-    table = analysis.table_msbp(frame, ref, {}).set_index("pair")
+    table = study_main.table_msbp(frame, ref, {}).set_index("pair")
     assert table.loc["MALMEN → MALMEN²", "average_gain_mean"] == pytest.approx(10.0)
     assert table.loc["MALMEN → MALMEN²", "average_gain_over_control_mean"] == pytest.approx(2.0)
     assert table.loc["MALMEN → MALMEN²", "control"] == "control cells"
     assert table.loc["RLEdit → RLEdit²", "average_gain_over_control_mean"] == pytest.approx(5.0)
     assert table.loc["RLEdit → RLEdit²", "control"] == "same iterations as S=1"
-    subs, _ = analysis.claim_msbp(frame, ref, {}, {"alpha": 0.05})
+    subs, _ = study_main.claim_msbp(frame, ref, {}, {"alpha": 0.05})
     assert [s["test"] for s in subs if "Adam iterations" in s["test"]] == [
         "MALMEN² − MALMEN with MALMEN²'s Adam iterations, average, zsre/batch"]
     # the main claim's baselines are the cells with their own iterations, never the control
     unequal = frame[~((frame.editor == "malmen") & (frame.iterations == "S2"))].copy()
     unequal.loc[unequal.editor == "rledit", "adam_iterations"] = [1, 1, 1, 2, 2, 2]
-    table = analysis.table_msbp(unequal, ref, {}).set_index("pair")
+    table = study_main.table_msbp(unequal, ref, {}).set_index("pair")
     assert table.loc["RLEdit → RLEdit²", "control"] == "no control"
     assert pd.isna(table.loc["RLEdit → RLEdit²", "average_gain_over_control_mean"])
 
@@ -169,22 +171,33 @@ def test_paper_grid_uses_per_protocol_models():
 
 
 def test_paired_tests_and_intervals():
-    assert analysis.one_sample_test([1.0], 0.05)["verdict"] == "inconclusive"
-    assert analysis.one_sample_test([2.0, 2.1, 1.9, 2.05], 0.05)["verdict"] == "holds"
-    assert analysis.one_sample_test([-2.0, -2.1, -1.9, -2.05], 0.05)["verdict"] == "does not hold"
-    assert analysis.one_sample_test([3.0, -2.0, 1.0], 0.05)["verdict"] == "inconclusive"
-    assert analysis.one_sample_test([1.5, 1.5], 0.05)["verdict"] == "holds"  # no spread, non-zero
-    assert analysis.equivalence_test([0.1, -0.1, 0.05, 0.0], 0.05, 2.0)["verdict"] == "holds"
-    assert analysis.equivalence_test([9.0, 9.1, 8.9, 9.05], 0.05, 2.0)["verdict"] == "does not hold"
-    hw = analysis.t_halfwidth([1.0, 2.0, 3.0])
+    assert seed_statistics.one_sample_test([1.0], 0.05)["verdict"] == "inconclusive"
+    assert seed_statistics.one_sample_test([2.0, 2.1, 1.9, 2.05], 0.05)["verdict"] == "holds"
+    assert seed_statistics.one_sample_test([-2.0, -2.1, -1.9, -2.05], 0.05)["verdict"] == "does not hold"
+    assert seed_statistics.one_sample_test([3.0, -2.0, 1.0], 0.05)["verdict"] == "inconclusive"
+    assert seed_statistics.one_sample_test([1.5, 1.5], 0.05)["verdict"] == "holds"  # no spread, non-zero
+    assert seed_statistics.equivalence_test([0.1, -0.1, 0.05, 0.0], 0.05, 2.0)["verdict"] == "holds"
+    assert seed_statistics.equivalence_test([9.0, 9.1, 8.9, 9.05], 0.05, 2.0)["verdict"] == "does not hold"
+    hw = seed_statistics.t_halfwidth([1.0, 2.0, 3.0])
     assert abs(hw - 4.302652729911275 * 1.0 / 3 ** 0.5) < 1e-9
-    assert analysis.combine(["holds", "holds"]) == "holds"
-    assert analysis.combine(["holds", "inconclusive"]) == "inconclusive"
-    assert analysis.combine(["holds", "does not hold"]) == "does not hold"
-    assert analysis.editor_label("rledit", 2, "kl") == "RLEdit²"
-    assert analysis.editor_label("emsedit", 2, "kl") == "EMSEdit (KL)"
-    assert analysis.editor_label("emsedit", 3, "l2") == "EMSEdit (S=3)"
+    assert seed_statistics.combine(["holds", "holds"]) == "holds"
+    assert seed_statistics.combine(["holds", "inconclusive"]) == "inconclusive"
+    assert seed_statistics.combine(["holds", "does not hold"]) == "does not hold"
+    assert aggregation.editor_label("rledit", 2, "kl") == "RLEdit²"
+    assert aggregation.editor_label("emsedit", 2, "kl") == "EMSEdit (KL)"
+    assert aggregation.editor_label("emsedit", 3, "l2") == "EMSEdit (S=3)"
 
+
+
+def test_study_functions_are_found_and_a_missing_one_is_named(monkeypatch):
+    """Each declared table and claim is the function table_<name> / claim_<id> of study_<study>.py."""
+    import studies
+
+    assert set(studies.functions("table")) == set(studies.TABLES)
+    assert set(studies.functions("claim")) == set(studies.CLAIMS)
+    monkeypatch.delattr(study_main, "claim_msbp")
+    with pytest.raises(LookupError, match=r"study_main\.py has no function claim_msbp"):
+        studies.functions("claim")
 
 # --- Snakemake: dry runs, lint, config validation --------------------------------------------------------
 

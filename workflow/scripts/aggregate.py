@@ -5,7 +5,7 @@ sys.stderr = open(snakemake.log[0], "w")
 
 import yaml  # noqa: E402
 
-from analysis import aggregate, use_editors  # noqa: E402
+from aggregation import aggregate, use_editors  # noqa: E402
 
 use_editors(snakemake.config["config_dir"])  # editor labels: config/editors and <config_dir>/editors
 

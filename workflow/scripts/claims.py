@@ -7,7 +7,8 @@ from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from analysis import evaluate_claims, load_reference, use_editors  # noqa: E402
+from aggregation import load_reference, use_editors  # noqa: E402
+from rendering import evaluate_claims  # noqa: E402
 
 use_editors(snakemake.config["config_dir"])  # editor labels: config/editors and <config_dir>/editors
 

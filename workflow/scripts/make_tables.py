@@ -7,14 +7,17 @@ from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from analysis import TABLES, load_reference, write_table, use_editors  # noqa: E402
+import studies  # noqa: E402
+from aggregation import load_reference, use_editors  # noqa: E402
+from rendering import write_table  # noqa: E402
 
 use_editors(snakemake.config["config_dir"])  # editor labels: config/editors and <config_dir>/editors
 
 cells = pd.read_csv(snakemake.input.cells, dtype={"train_turns": str})
+tables = studies.functions("table")
 reference = load_reference(Path(snakemake.input.reference[0]).parent)
 for name in snakemake.params.tables:
-    table = TABLES[name](cells, reference, snakemake.params.paper)
+    table = tables[name](cells, reference, snakemake.params.paper)
     note = (
         snakemake.params.descriptions[name]
         + " Ours: mean ± 95% t-interval over seeds; `*_paper` columns: the paper's value for the mapped"

@@ -1,15 +1,16 @@
 """Every study's artifacts, declared once: its tables, its figures and their captions, its claims.
 
 Read by the rules (which tables and figures to build, the figure captions of the HTML report) and by
-the analysis (the table of artifact X is computed by ``analysis.table_X`` and the claim Y by
-``analysis.claim_Y``; the figure X is drawn by ``notebooks/X.py.ipynb``). A new study is its entry
-here, its grid in the config (``studies.<name>``), its table and claim functions in
-``workflow/scripts/analysis.py`` and its notebook; nothing else names it. Standard library only, so
-that the Snakefile can import it cheaply.
+the analysis: the table X of study S is computed by ``table_X`` and the claim Y by ``claim_Y``, both
+in ``workflow/scripts/study_S.py`` (see ``functions``); the figure X is drawn by
+``notebooks/X.py.ipynb``. A new study is its entry here, its grid in the config
+(``studies.<name>``), its ``study_<name>.py`` and its notebook; nothing else names it. Standard
+library only, so that the Snakefile can import it cheaply.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 
@@ -93,3 +94,18 @@ TABLES = {table: study for study, s in STUDIES.items() for table in s.tables}  #
 TABLE_DESCRIPTIONS = {table: text for s in STUDIES.values() for table, text in s.tables.items()}
 FIGURES = {name: fig for s in STUDIES.values() for name, fig in s.figures.items()}  # figure -> Figure
 CLAIMS = {cid: (study, text) for study, s in STUDIES.items() for cid, text in s.claims.items()}  # report order
+
+
+def functions(kind: str) -> dict:
+    """Each declared table (``kind="table"``) or claim (``kind="claim"``) -> its function
+    ``<kind>_<name>`` in its study's module ``study_<study>`` (imported here, on call)."""
+    found = {}
+    for name, s in STUDIES.items():
+        module = importlib.import_module(f"study_{name}")
+        for item in {"table": s.tables, "claim": s.claims}[kind]:
+            try:
+                found[item] = getattr(module, f"{kind}_{item}")
+            except AttributeError:
+                raise LookupError(f"workflow/scripts/study_{name}.py has no function {kind}_{item} "
+                                  f"(studies.py declares the {kind} {item!r} for the study {name!r})") from None
+    return found

@@ -1,0 +1,189 @@
+"""From result records to the long ``cells`` frame, and the labels and helpers the studies share.
+
+``cells`` has one row per (study, variant label, cell): the cell's keys, its seed, the record's
+metrics and timings as flat columns, and the editor's label as the tables print it. The paper's
+numbers (resources/reference/*.csv) are looked up under its own model and dataset names, mapped from
+ours through config ``paper``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from emsedit.registry import REPO_CONFIG_DIR, workflow_declarations
+
+METRICS = ["efficacy", "generalization", "specificity", "average"]
+QUALITY = ["efficacy", "generalization", "specificity"]
+TIMING_KEYS = [
+    "load_model", "train_cache", "train_predict_shift", "train_edit_loss", "train_locality_loss",
+    "train_hypernet_update", "train_total", "edit_cache", "edit_predict_shift", "edit_apply",
+    "edit_total", "evaluate_pre", "evaluate_post", "total",
+]
+# The editors' declarations (label, own S and loss: config/editors/<name>.yaml, emsedit/registry.py),
+# read on first use from the repository's config/ or, after use_editors(config_dir), the workflow's.
+_EDITORS: dict = {}
+SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+OWN = "own"  # a cell's own Adam iterations; "S<k>" marks an S = 1 control with the iterations of S = k
+
+
+# --- labels and the paper's names -----------------------------------------------------------------
+
+
+def use_editors(config_dir: str | Path) -> None:
+    """Read the editor declarations of a workflow's config_dir (the repository's plus its own)."""
+    _EDITORS.clear()
+    _EDITORS.update(workflow_declarations(config_dir))
+
+
+def editor_decl(editor: str):
+    """The declaration of one editor (its label, own S and own loss)."""
+    if not _EDITORS:
+        use_editors(REPO_CONFIG_DIR)
+    try:
+        return _EDITORS[editor]
+    except KeyError:
+        raise ValueError(f"unknown editor {editor!r} in the records; declared: {sorted(_EDITORS)}") from None
+
+
+def editor_label(editor: str, steps: int, loss: str, iterations: str = OWN) -> str:
+    """The paper's name for an editor setting: RLEdit, RLEdit² (S = 2), EMSEdit (KL), ...; an
+    iteration-matched control reads "MALMEN (S=1, iterations of S=2)"."""
+    decl = editor_decl(editor)
+    name = decl.label
+    if iterations != OWN:
+        base = editor_label(editor, 1, loss)
+        return f"{base} (S=1, iterations of S={iterations.removeprefix('S')})"
+    if steps != decl.steps:
+        name = name + str(steps).translate(SUPERSCRIPTS) if decl.steps == 1 else f"{name} (S={steps})"
+    if loss != decl.loss:
+        name += f" ({loss.upper()})"
+    return name
+
+
+def paper_model(model: str, paper: dict) -> str:
+    return (paper.get("models") or {}).get(model, paper.get("default_model", "LLaMA-3"))
+
+
+def paper_dataset(dataset: str, paper: dict) -> str | None:
+    return (paper.get("datasets") or {}).get(dataset)
+
+
+def load_reference(reference_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The paper's numbers: file stem (main, sweeps, ...) -> frame."""
+    return {p.stem.removeprefix("paper_"): pd.read_csv(p) for p in sorted(Path(reference_dir).glob("paper_*.csv"))}
+
+
+def paper_value(ref: pd.DataFrame, **where) -> float:
+    """The paper's value in a reference frame at the row matching ``where`` (NaN if none)."""
+    sel = ref
+    for key, value in where.items():
+        sel = sel[sel[key].astype(str) == str(value)]
+    return float(sel["value"].iloc[0]) if len(sel) else float("nan")
+
+
+def setting(protocol: str, turns, edits) -> str:
+    """A cell's size as the tables print it: edits (batch) or turns×edits (sequential)."""
+    return f"{int(edits)}" if protocol == "batch" else f"{int(turns)}×{int(edits)}"
+
+
+# --- aggregation ----------------------------------------------------------------------------------
+
+
+class RecordError(ValueError):
+    """A result record that is malformed, non-finite, or not the cell its path names."""
+
+
+def _check_record(record: dict, cell: dict, path: str, validator) -> None:
+    errors = sorted(validator.iter_errors(record), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = "/".join(map(str, errors[0].absolute_path))
+        raise RecordError(f"{path}: does not match the result schema at {where or '(top)'}: {errors[0].message}")
+    if record["kind"] != "run" or "post" not in record["metrics"]:
+        raise RecordError(f"{path}: expected a 'run' record with metrics.post")
+    cfg = record["config"]
+    expected = {
+        "editor": (cfg.get("editor") or {}).get("name") if isinstance(cfg.get("editor"), dict) else cfg.get("editor"),
+        "protocol": cfg.get("protocol"), "steps": cfg.get("steps"), "loss": cfg.get("loss"), "seed": cfg.get("seed"),
+    }
+    for key, got in expected.items():
+        if got is not None and str(got) != str(cell[key]):
+            raise RecordError(f"{path}: record has {key}={got!r} but its path says {cell[key]!r} (stale file?)")
+    for phase in ("pre", "post"):
+        for metric in METRICS:
+            value = record["metrics"][phase][metric]
+            if not math.isfinite(value):
+                raise RecordError(f"{path}: metrics.{phase}.{metric} is not finite")
+
+
+def flatten_record(record: dict) -> dict:
+    """The numbers of one record as flat columns: pre_*/post_* metrics, t_* timings, memory, training."""
+    row = {}
+    for phase in ("pre", "post"):
+        for metric in METRICS:
+            row[f"{phase}_{metric}"] = float(record["metrics"][phase][metric])
+    timings = record.get("timings") or {}
+    for key in TIMING_KEYS:
+        row[f"t_{key}"] = float(timings[key]) if key in timings else np.nan
+    row["peak_rss_mb"] = float(record["peak_rss_mb"])
+    training = record.get("training") or {}
+    row["optimizer_steps"] = training.get("optimizer_steps", np.nan)
+    row["adam_iterations"] = training.get("adam_iterations", np.nan)
+    row["skipped_nonfinite"] = training.get("skipped_nonfinite", np.nan)
+    return row
+
+
+def aggregate(membership: Iterable[dict], schema: dict) -> pd.DataFrame:
+    """Read, validate and flatten every record named by the membership rows."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    cache: dict[str, dict] = {}
+    rows = []
+    for cell in membership:
+        path = cell["path"]
+        if path not in cache:
+            with open(path) as fh:
+                record = json.load(fh)
+            _check_record(record, cell, path, validator)
+            cache[path] = flatten_record(record)
+        rows.append({**cell, **cache[path]})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        if "iterations" not in frame:
+            frame["iterations"] = OWN
+        frame["label"] = [editor_label(e, int(s), l, i) for e, s, l, i in
+                          zip(frame.editor, frame.steps, frame.loss, frame.iterations)]
+    return frame
+
+
+# --- frame helpers --------------------------------------------------------------------------------
+
+
+def study(cells: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows of one study."""
+    return cells[cells["study"] == name].copy()
+
+
+def own(frame: pd.DataFrame) -> pd.DataFrame:
+    """The cells that run with their own Adam iterations (no iteration-matched controls)."""
+    return frame[frame["iterations"] == OWN] if "iterations" in frame else frame
+
+
+def control_for(group: pd.DataFrame, base: pd.DataFrame, other: pd.DataFrame, steps: int) -> tuple[pd.DataFrame, str]:
+    """The iteration-matched control of S = ``steps`` within ``group``: its control cells, or the
+    S = 1 cells themselves when the records show both settings took the same Adam iterations;
+    otherwise empty. The second value says which."""
+    control = group[group["iterations"] == f"S{steps}"] if "iterations" in group else group.iloc[:0]
+    if len(control):
+        return control, "control cells"
+    a, b = base.get("adam_iterations"), other.get("adam_iterations")
+    if a is not None and b is not None and len(a) and len(b) and a.notna().all() and b.notna().all() \
+            and set(a.astype(int)) == set(b.astype(int)):
+        return base, "same iterations as S=1"
+    return group.iloc[:0], "no control"
