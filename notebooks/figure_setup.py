@@ -14,16 +14,16 @@ from types import SimpleNamespace
 import matplotlib.pyplot as plt
 import pandas as pd
 
-METRICS = ["efficacy", "generalization", "specificity", "average"]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "workflow" / "scripts"))
+import studies  # noqa: E402  (each figure's tables, and the metrics every figure reports)
+
+METRICS = studies.METRICS
 
 
 def setup(name: str, snakemake=None):
     """(tables by name, save(fig)) for the figure ``name``; ``snakemake`` is the workflow's object,
     or None when the notebook is opened by hand."""
-    sys.path.insert(0, str(HERE.parent / "workflow" / "scripts"))
-    import studies
-
     names = list(studies.FIGURES[name].tables)
     if snakemake is None:
         results = HERE.parent / "results"

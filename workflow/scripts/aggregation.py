@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 
 from emsedit.registry import REPO_CONFIG_DIR, workflow_declarations
+from studies import METRICS  # declared once, with the studies
 
-METRICS = ["efficacy", "generalization", "specificity", "average"]
-QUALITY = ["efficacy", "generalization", "specificity"]
 TIMING_KEYS = [
     "load_model", "train_cache", "train_predict_shift", "train_edit_loss", "train_locality_loss",
     "train_hypernet_update", "train_total", "edit_cache", "edit_predict_shift", "edit_apply",

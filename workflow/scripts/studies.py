@@ -14,6 +14,12 @@ import importlib
 from dataclasses import dataclass, field
 
 
+# The metrics every table and figure reports (the records' metrics.pre/post keys; "average" is the
+# mean of the three quality metrics, as the paper's Avg.).
+QUALITY = ["efficacy", "generalization", "specificity"]
+METRICS = [*QUALITY, "average"]
+
+
 @dataclass(frozen=True)
 class Figure:
     tables: tuple[str, ...]  # the tables its notebook reads (results/tables/<name>.csv)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import METRICS, QUALITY, editor_decl, paper_model, study
+from aggregation import editor_decl, paper_model, study
 from seed_statistics import one_sample_test, paired_diffs, subtest, summarize_groups
+from studies import METRICS, QUALITY
 
 
 def table_data_efficiency(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:

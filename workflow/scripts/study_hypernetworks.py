@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import METRICS, setting, study
+from aggregation import setting, study
 from seed_statistics import one_sample_test, paired_diffs, subtest, summarize_groups
+from studies import METRICS
 
 
 def table_hypernetworks(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import METRICS, paper_model, setting, study
+from aggregation import paper_model, setting, study
 from seed_statistics import equivalence_test, one_sample_test, paired_diffs, subtest, summarize, summarize_groups
+from studies import METRICS
 
 
 PHASES = {

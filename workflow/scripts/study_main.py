@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import (METRICS, OWN, control_for, editor_decl, editor_label, own, paper_dataset, paper_model,
-                         paper_value, setting, study)
+from aggregation import (OWN, control_for, editor_decl, editor_label, own, paper_dataset, paper_model, paper_value,
+                         setting, study)
 from seed_statistics import one_sample_test, paired_diffs, subtest, summarize, summarize_groups
+from studies import METRICS
 
 
 def table_main(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:

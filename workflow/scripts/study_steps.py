@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import METRICS, OWN, QUALITY, control_for, editor_decl, own, paper_model, paper_value, setting, study
+from aggregation import OWN, control_for, editor_decl, own, paper_model, paper_value, setting, study
 from rendering import fmt
 from seed_statistics import one_sample_test, paired_diffs, subtest, summarize_groups
+from studies import METRICS, QUALITY
 
 
 # The family behind each panel of the paper's S = 1..4 figure (method spec §10.5).
