@@ -14,14 +14,21 @@ import os
 import sys
 from typing import Any, Sequence
 
-from emsedit.acquire import AcquireError
 from emsedit.config import ConfigError
-from emsedit.data import DataError
-from emsedit.models import ModelNotMaterializedError, ModuleResolutionError
 from emsedit.registry import editor_names
 
-USER_ERRORS = (ConfigError, DataError, AcquireError, ModuleResolutionError, ModelNotMaterializedError,
-               KeyError, FileNotFoundError)
+# Printing help or rejecting a bad option imports neither torch nor transformers: the commands import
+# what they need when they run.
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's mistakes: one line on stderr, exit status 2."""
+    from emsedit.acquire import AcquireError
+    from emsedit.data import DataError
+    from emsedit.models import ModelNotMaterializedError, ModuleResolutionError
+
+    return (ConfigError, DataError, AcquireError, ModuleResolutionError, ModelNotMaterializedError, KeyError,
+            FileNotFoundError)
 
 
 def _key_values(items: Sequence[str], option: str) -> dict[str, str]:
@@ -203,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     try:
         return _dispatch(args)
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not isinstance(err, user_errors()):
+            raise  # an internal error keeps its traceback
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"emsedit {args.command}: error: {message}", file=sys.stderr)
         return 2

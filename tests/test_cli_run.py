@@ -369,6 +369,18 @@ def test_user_error_exit_status_from_the_module(env, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["evaluate", "--help"], ["run", "--bogus"]])
+def test_help_and_bad_options_import_no_torch(argv):
+    """Help and a rejected option come from argparse before any heavy import (issue 11.1)."""
+    code = ("import sys\nfrom emsedit import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == f"exit {2 if '--bogus' in argv else 0}", proc.stdout + proc.stderr
+    assert lines[-1] == "[]", proc.stdout
+
+
 @pytest.mark.parametrize("command", ["fetch", "materialize", "tiny-model", "order", "evaluate", "run", None])
 def test_help_works(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
