@@ -130,18 +130,28 @@ def from_mapping(cls: type, data: Mapping[str, Any], source: str) -> Any:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_editor_hparams(path: str | Path) -> EditorHParams:
-    """Read ``config/editors/<name>.yaml``; the ``name`` in the file must match the file name."""
+def read_editor_yaml(path: str | Path) -> Any:
+    """The parsed contents of an editor YAML (hyperparameters and declaration)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"editor config {path} does not exist") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def editor_hparams(data: Any, path: str | Path) -> EditorHParams:
+    """The hyperparameters in an editor YAML's contents; the ``name`` must match the file name."""
+    path = Path(path)
     if isinstance(data, Mapping):  # the editor's declaration (class, label) is not a hyperparameter
         data = {k: v for k, v in data.items() if k not in DECLARATION_KEYS}
     hp = from_mapping(EditorHParams, data or {}, str(path))
     if hp.name != path.stem:
         raise ConfigError(f"{path}: name {hp.name!r} does not match the file name {path.stem!r}")
     return hp
+
+
+def load_editor_hparams(path: str | Path) -> EditorHParams:
+    """Read ``config/editors/<name>.yaml``'s hyperparameters."""
+    return editor_hparams(read_editor_yaml(path), path)

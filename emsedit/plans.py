@@ -23,8 +23,8 @@ from emsedit.acquire import obtain_dataset, sha256_of
 from emsedit.batching import make_turn
 from emsedit.config import ConfigError, find_config
 from emsedit.data import EditRequest, Turn
-from emsedit.hparams import EditorHParams, load_editor_hparams
-from emsedit.registry import declaration, editor_class
+from emsedit.hparams import EditorHParams
+from emsedit.registry import declaration, editor_class, load_class
 from emsedit.schemas import read_requests
 
 
@@ -44,9 +44,9 @@ def load_dataset_config(name_or_path: str) -> dict[str, Any]:
 def load_editor(name_or_path: str, overrides: dict[str, Any]) -> EditorHParams:
     """Editor hyperparameters from ``config/editors`` (or a YAML path) with command-line overrides
     applied; the editor's declaration is read too, so its class is known by name afterwards."""
-    hp = load_editor_hparams(declaration(name_or_path).path)
-    hp = hp.with_overrides(overrides, source=f"editor {hp.name} overrides") if overrides else hp
-    editor_class(hp.name).check_hparams(hp)
+    decl = declaration(name_or_path)
+    hp = decl.hp.with_overrides(overrides, source=f"editor {decl.name} overrides") if overrides else decl.hp
+    load_class(decl).check_hparams(hp)
     return hp
 
 

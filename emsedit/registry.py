@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from emsedit.config import REPO_ROOT, ConfigError, default_config_dir, find_config
-from emsedit.hparams import DECLARATION_KEYS, load_editor_hparams
+from emsedit.hparams import DECLARATION_KEYS, EditorHParams, editor_hparams, read_editor_yaml
 
 if TYPE_CHECKING:
     from emsedit.editors.base import Editor
@@ -42,20 +40,24 @@ class EditorDeclaration:
     name: str
     label: str  # the paper's name (tables, figures, claims)
     class_path: str  # "module:Class"
-    steps: int  # the editor's own S ("X²" is S = 2 for an editor whose own S is 1)
-    loss: str  # the editor's own locality loss
+    hp: EditorHParams  # its hyperparameters as the YAML sets them
     path: Path
+
+    @property
+    def steps(self) -> int:
+        """The editor's own S ("X²" is S = 2 for an editor whose own S is 1)."""
+        return self.hp.steps
+
+    @property
+    def loss(self) -> str:
+        """The editor's own locality loss."""
+        return self.hp.loss
 
 
 def read_declaration(path: str | os.PathLike[str]) -> EditorDeclaration:
     """The declaration in one editor YAML; a missing or malformed key is named with the file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"editor config {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    data = read_editor_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
     for key in ("name", *DECLARATION_KEYS):
@@ -63,9 +65,8 @@ def read_declaration(path: str | os.PathLike[str]) -> EditorDeclaration:
             raise ConfigError(f"{path}: missing or empty {key!r} (see emsedit/registry.py)")
     if ":" not in data["class"]:
         raise ConfigError(f"{path}: class must read 'module:Class', got {data['class']!r}")
-    hp = load_editor_hparams(path)  # checks every hyperparameter too
-    decl = EditorDeclaration(name=hp.name, label=data["label"], class_path=data["class"], steps=hp.steps,
-                             loss=hp.loss, path=path)
+    hp = editor_hparams(data, path)  # checks every hyperparameter too
+    decl = EditorDeclaration(name=hp.name, label=data["label"], class_path=data["class"], hp=hp, path=path)
     _READ[decl.name] = decl
     return decl
 
