@@ -69,7 +69,6 @@ CONFIG_DIR = Path(config["config_dir"])
 # The editors: those of the repository's config/editors, plus any declared in <config_dir>/editors
 # (an editor is its class file and its YAML; see emsedit/registry.py).
 EDITORS = registry.workflow_declarations(CONFIG_DIR)
-REPO_EDITORS = {name: d.path for name, d in registry.declarations(registry.REPO_CONFIG_DIR).items()}
 
 
 def _named_config(kind, name):
@@ -77,7 +76,8 @@ def _named_config(kind, name):
 
 
 def check_names():
-    """Reject a model or dataset name that has no config file, naming the config key it came from."""
+    """Reject a model, dataset, editor or study name that is not declared, naming the config key it
+    came from."""
     tiny = set(config["tiny_models"])
 
     def check(kind, names, key, family=True):
@@ -89,22 +89,20 @@ def check_names():
                 check(kind, per_protocol, f"model_by_protocol.{name}", family=False)
                 continue
             path = _named_config(kind, name)
-            if not path.is_file():
-                known = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+            if kind == "editors":  # the repository's editors and those of <config_dir>/editors
+                if name in EDITORS:
+                    continue
+                where, known = f"config/editors/{name}.yaml or {path}", sorted(EDITORS)
+            else:
+                if path.is_file():
+                    continue
+                where, known = path, sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
                 if kind == "models":
                     known += sorted(tiny)
-                raise WorkflowError(
-                    f"invalid config key {key}: unknown {kind[:-1]} {name!r} "
-                    f"(no {path}; known: {', '.join(known) or 'none'})"
-                )
-
-    def check_editors(names, key):
-        for name in names:
-            if name not in EDITORS:
-                raise WorkflowError(
-                    f"invalid config key {key}: unknown editor {name!r} "
-                    f"(no config/editors/{name}.yaml or {CONFIG_DIR}/editors/{name}.yaml; known: {', '.join(sorted(EDITORS))})"
-                )
+            raise WorkflowError(
+                f"invalid config key {key}: unknown {kind[:-1]} {name!r} "
+                f"(no {where}; known: {', '.join(known) or 'none'})"
+            )
 
     for study in config["studies"]:
         if study not in studies.STUDIES:
@@ -113,20 +111,17 @@ def check_names():
                 f"(declared in workflow/scripts/studies.py: {', '.join(studies.STUDIES)})"
             )
     for variant, spec in config["variants"].items():
-        check_editors(spec, f"variants.{variant}")
+        check("editors", spec, f"variants.{variant}")
     check("models", config["models"], "models")
     check("datasets", config["datasets"], "datasets")
     for study, spec in config["studies"].items():
         check("models", spec.get("models", []), f"studies.{study}.models")
         check("datasets", spec.get("datasets", []), f"studies.{study}.datasets")
         for i, entry in enumerate(spec["grids"]):
-            for kind, key in (("models", "model"), ("datasets", "dataset")):
+            for kind, key in (("models", "model"), ("datasets", "dataset"), ("editors", "editor")):
                 if key in entry:
                     names = entry[key] if isinstance(entry[key], list) else [entry[key]]
                     check(kind, names, f"studies.{study}.grids[{i}].{key}")
-            if "editor" in entry:
-                names = entry["editor"] if isinstance(entry["editor"], list) else [entry["editor"]]
-                check_editors(names, f"studies.{study}.grids[{i}].editor")
 
 
 check_names()
@@ -167,7 +162,7 @@ wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     protocol="|".join(grid.PROTOCOLS),
     figure=_alternatives(FIGURES),
-    editor="|".join(sorted(EDITORS)),
+    editor=_alternatives(EDITORS),
     loss="|".join(grid.LOSSES),
     hypernetworks="|".join(grid.HYPERNETWORKS),
     variant=_alternatives(config["variants"]),
@@ -193,7 +188,7 @@ def model_yaml(model):
 def editor_arg(wildcards):
     """The editor the CLI is given: its name for the repository's own editors, else its YAML path."""
     decl = EDITORS[wildcards.editor]
-    return decl.name if decl.path == REPO_EDITORS.get(decl.name) else str(decl.path)
+    return decl.name if decl.path.parent == registry.REPO_CONFIG_DIR / "editors" else str(decl.path)
 
 
 def dataset_yaml(dataset):
