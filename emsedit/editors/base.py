@@ -364,7 +364,7 @@ class Editor(TrainingSchedules):
         total = 0.0
         edited = None
         if backward_at is not None:
-            edited = {name: m.weight.detach().clone() for name, m in self.modules.items()}
+            edited = snapshot_weights(self.modules)
         for (turn, weight), ref in zip(weighted, refs):
             done = 0
             for group in passes(turn.unrel):
@@ -384,7 +384,8 @@ class Editor(TrainingSchedules):
         return total
 
     def _swap_weight_data(self, weights: Shifts) -> None:
-        """Overwrite the edited modules' weight data without bumping autograd's version counter."""
+        """Overwrite the edited modules' weight data without bumping autograd's version counter
+        (``restore_weights`` copies into the parameter itself, which a pending backward refuses)."""
         with torch.no_grad():
             for name, w in weights.items():
                 self.modules[name].weight.data.copy_(w)

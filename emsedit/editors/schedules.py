@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from emsedit.models import snapshot_weights
+
 if TYPE_CHECKING:
     from emsedit.data import Turn
     from emsedit.editors.base import CheckpointHook, Shifts, StepCache
@@ -85,7 +87,7 @@ class TrainingSchedules:
         """
         if refs is None or self.schedule != "rollout_backtrack" or not self.hp.kl_backward_reverted:
             return None
-        return {name: m.weight.detach().clone() for name, m in self.modules.items()}
+        return snapshot_weights(self.modules)
 
     def _update(self, steps: Sequence[tuple[int, StepCache, Shifts]], gammas: Shifts) -> None:
         """Meta-gradient of each given step from the same Γ, clipping after each (spec §7.5.2)."""
