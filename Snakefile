@@ -1,6 +1,6 @@
 # The EMSEdit reproduction workflow. `snakemake` runs the default (CPU) grid of config/config.yaml;
-# `snakemake --configfile config/paper.yaml --workflow-profile none --profile profiles/slurm` submits
-# the paper's grid (`--workflow-profile none` keeps the workstation profile profiles/default out of it).
+# `snakemake --configfile config/paper.yaml --profile profiles/slurm` submits the paper's grid; the
+# workstation settings are the explicit profile profiles/workstation (`make reproduce` passes it).
 # Stages live in workflow/rules/, helpers in workflow/rules/common.smk.
 from snakemake.utils import min_version
 
@@ -24,6 +24,19 @@ include: "workflow/rules/experiments.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
+
+
+# Light jobs run where Snakemake runs (on a cluster: the submitting node, which has internet for
+# the data download), never as cluster jobs.
+localrules:
+    all,
+    fetch_data,
+    edit_order,
+    tiny_model,
+    aggregate,
+    tables,
+    figure,
+    claims,
 
 
 rule all:

@@ -289,9 +289,14 @@ def checkpoint_dir(wildcards, output):
     return f"results/checkpoints/{stem}"
 
 
-def rule_resources(rule):
-    """Resources of a rule from config `resources` (a profile's set-resources overrides them)."""
-    return dict(config["resources"].get(rule, {}))
+def rule_resources(rule, *, threads=None):
+    """Resources of a rule from config `resources`, the one place they are declared. A model job's
+    `threads` is also its `cpus_per_task`: SLURM gets as many CPUs as the CLI will use (a dry run
+    shows them here, while it caps `{threads}` in the command at its one core)."""
+    resources = dict(config["resources"].get(rule, {}))
+    if threads is not None:
+        resources["cpus_per_task"] = threads
+    return resources
 
 
 # --- what the grid asks for ---------------------------------------------------------------------

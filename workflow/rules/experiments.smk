@@ -21,7 +21,7 @@ rule evaluate_unedited:
         f"results/benchmarks/pre/{grid.PRE_STEM}.tsv"
     threads: config["threads"]
     resources:
-        **rule_resources("evaluate_unedited"),
+        **rule_resources("evaluate_unedited", threads=config["threads"]),
     shell:
         "python -m emsedit evaluate --model {params.model} --dataset {params.dataset}"
         " --n {wildcards.n} --edits {wildcards.edits} --seed {wildcards.seed} --order {input.order}"
@@ -48,7 +48,7 @@ rule run_cell:
         f"results/benchmarks/runs/{grid.CELL_STEM}.tsv"
     threads: config["threads"]
     resources:
-        **rule_resources("run_cell"),
+        **rule_resources("run_cell", threads=config["threads"]),
     shell:
         "python -m emsedit run --editor {params.editor} --model {params.model}"
         " --dataset {params.dataset} --protocol {wildcards.protocol} --turns {wildcards.turns}"

@@ -439,6 +439,12 @@ count_jobs() {
 cmd_test() {
   local t0 t_up rc=0 njobs summary
   t0=$(now)
+  # The command the documentation gives, dry-run as written (no cluster needed): threads, resources
+  # and localrules of every job. A failure here stops before any daemon starts.
+  if ! "$PY" -m pytest -p no:cacheprovider -q "$REPO/tests/test_cluster_command.py"; then
+    say "FAIL: the documented SLURM command's dry run (tests/test_cluster_command.py)"
+    exit 1
+  fi
   # Stop every daemon we start, on success, failure or interrupt alike.
   # Only a cluster this process started (owner file) is stopped.
   export OWNER_PID=$$
