@@ -1,8 +1,10 @@
-"""Result records: provenance (versions, commit, memory), schema check and atomic writing."""
+"""Result records: provenance (versions, commit, code digest, memory), schema check and atomic writing."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -44,17 +46,41 @@ def git_commit() -> str | None:
     return f"{head}-dirty" if dirty else head
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 (first 16 hex digits) of the library code: every ``.py`` file of the ``emsedit`` and
+    ``baselines`` packages, by relative path and content. Unlike the git commit, it ignores changes
+    elsewhere (docs, tests, workflow) and sees uncommitted edits, so two records with the same digest
+    were made by the same editing and evaluation code."""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("emsedit", "baselines") for p in (REPO_ROOT / package).rglob("*.py")):
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0), 1)
+
+
+def gpu_peak_mb() -> float | None:
+    """``torch.cuda.max_memory_allocated`` in MiB when this process used CUDA, else None."""
+    torch = sys.modules.get("torch")  # never import torch just to say it was not used
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / (1024.0 * 1024.0), 1)
 
 
 def provenance() -> dict[str, Any]:
     """The fields every record carries besides its content."""
     return {
         "peak_rss_mb": peak_rss_mb(),
+        "gpu_peak_mb": gpu_peak_mb(),
         "versions": versions(),
         "git_commit": git_commit(),
+        "code_digest": code_digest(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -75,7 +75,7 @@ def pre_quality(cell: grid.Cell, rng: random.Random) -> dict:
 
 
 def record(cell: grid.Cell, config: dict, noise: float) -> dict:
-    rng = random.Random(hash((cell.path, 12345)) & 0xFFFFFFFF)
+    rng = random.Random(f"{cell.path}/12345")  # str seeds are stable across processes; hash() is not
     kind = "counterfact" if "counterfact" in cell.dataset else "zsre"
     order_rng = random.Random(cell.seed)
     edit_order = order_rng.sample(range(10 * cell.n + 10), cell.n)

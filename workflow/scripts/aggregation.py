@@ -130,6 +130,8 @@ def flatten_record(record: dict) -> dict:
     for key in TIMING_KEYS:
         row[f"t_{key}"] = float(timings[key]) if key in timings else np.nan
     row["peak_rss_mb"] = float(record["peak_rss_mb"])
+    row["gpu_peak_mb"] = np.nan if record.get("gpu_peak_mb") is None else float(record["gpu_peak_mb"])
+    row["code_digest"] = record.get("code_digest") or ""
     training = record.get("training") or {}
     row["optimizer_steps"] = training.get("optimizer_steps", np.nan)
     row["adam_iterations"] = training.get("adam_iterations", np.nan)
@@ -137,12 +139,33 @@ def flatten_record(record: dict) -> dict:
     return row
 
 
-def aggregate(membership: Iterable[dict], schema: dict) -> pd.DataFrame:
-    """Read, validate and flatten every record named by the membership rows."""
+def check_one_code(digests: dict[str, str | None], current: str) -> None:
+    """Refuse records made by different library code (``code_digest``; None for records older than
+    the field): name the records whose digest is not the current code's and the command that reruns
+    them. Records that all share one digest pass, even an older one: nothing is mixed."""
+    if len(set(digests.values())) <= 1:
+        return
+    stale = sorted(path for path, digest in digests.items() if digest != current)
+    if not stale:  # mixed, but none is the current code's: rerun all but the most common digest
+        common = max(set(digests.values()), key=list(digests.values()).count)
+        stale = sorted(path for path, digest in digests.items() if digest != common)
+    shown = {d or "none": sum(1 for v in digests.values() if v == d) for d in set(digests.values())}
+    raise RecordError(
+        f"records of {len(shown)} different code digests ({shown}; current code: {current}): rerun the "
+        f"{len(stale)} records not made by the current code with `snakemake <your usual options> "
+        f"--forcerun {' '.join(stale)}`, or set `allow_mixed_code: true` in the config to aggregate them as they are")
+
+
+def aggregate(membership: Iterable[dict], schema: dict, *, allow_mixed_code: bool = False) -> pd.DataFrame:
+    """Read, validate and flatten every record named by the membership rows; unless
+    ``allow_mixed_code``, they must all come from one library code (:func:`check_one_code`)."""
     import jsonschema
+
+    from emsedit.records import code_digest
 
     validator = jsonschema.Draft202012Validator(schema)
     cache: dict[str, dict] = {}
+    digests: dict[str, str | None] = {}
     rows = []
     for cell in membership:
         path = cell["path"]
@@ -151,7 +174,10 @@ def aggregate(membership: Iterable[dict], schema: dict) -> pd.DataFrame:
                 record = json.load(fh)
             _check_record(record, cell, path, validator)
             cache[path] = flatten_record(record)
+            digests[path] = record.get("code_digest")
         rows.append({**cell, **cache[path]})
+    if not allow_mixed_code:
+        check_one_code(digests, code_digest())
     frame = pd.DataFrame(rows)
     if not frame.empty:
         if "iterations" not in frame:
