@@ -10,6 +10,7 @@ succeeds, atomically.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any, Sequence
@@ -203,9 +204,39 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each line (tests swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging() -> None:
+    """Send the library's ``log.info`` lines (phases, progress) to stderr with a time stamp, once;
+    other libraries keep their own levels. In the workflow stderr is the job's log file."""
+    if not sys.stderr.isatty():  # a log file: no carriage-return bars from transformers or the Hub
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    logger = logging.getLogger("emsedit")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
+    configure_logging()
     if getattr(args, "threads", None):
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     try:

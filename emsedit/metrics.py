@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 
 from emsedit.data import IGNORE_INDEX, MiniBatch, Turn
+from emsedit.progress import Progress
 
 __all__ = [
     "MetricQuirks",
@@ -224,10 +225,8 @@ def evaluate_turns(
     """Score a model on every mini-batch of the given turns and return :func:`summarize`'s dict.
 
     Runs under ``torch.inference_mode`` with the model in eval mode (its previous train/eval mode
-    is restored afterwards). ``progress`` shows a tqdm bar on a terminal.
+    is restored afterwards). ``progress`` reports the batches scored (:mod:`emsedit.progress`).
     """
-    from tqdm.auto import tqdm
-
     from emsedit.batching import passes
     from emsedit.models import answer_forward_many
 
@@ -240,8 +239,7 @@ def evaluate_turns(
     model.eval()
     try:
         with torch.inference_mode():
-            bar = tqdm(total=sum(len(batches) for _, batches in lists), desc="evaluate", unit="batch",
-                       disable=None if progress else True, file=sys.stderr, leave=False)
+            bar = Progress("evaluate", sum(len(batches) for _, batches in lists), unit="batches", enabled=progress)
             for name, batches in lists:
                 for group in passes(batches):
                     for logits, scored in answer_forward_many(model, group):

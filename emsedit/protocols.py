@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -32,9 +33,12 @@ from emsedit.metrics import MetricQuirks, evaluate_turns
 from emsedit.models import load_model, resolve_modules
 from emsedit.plans import DataPlan, build_turns, load_dataset_config, pick, plan_data
 from emsedit.prefix_cache import PrefixCachedModel, load_shared, read_shared_header, save_shared
+from emsedit.progress import Progress
 from emsedit.records import provenance
 from emsedit.registry import editor_class
 from emsedit.timing import PhaseTimer
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- cells
@@ -249,6 +253,8 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
             raise ConfigError(f"--prefix-in: {err}") from None
     model_cfg, model, tokenizer, modules, load_s = _setup(opts)
     timer.add("load_model", load_s)
+    log.info("%s: model %s loaded in %.1f s; %d edit turns of %d, %d training turns", hp.name,
+             model_cfg.name, load_s, opts.turns, opts.edits, train_turns)
     with timer.phase("load_prefix"):
         shared = _preload_prefix(opts, model, model_cfg)
     editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
@@ -288,7 +294,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
             phase, units = "edit", 0
             save("edit", 0, force=True)
     curve = save.curve
-    with timer.phase("edit_total"):
+    with timer.phase("edit_total"), Progress(f"edit {hp.name}", len(eval_turns), initial=units) as bar:
         for t, turn in enumerate(eval_turns):
             if t < units:
                 continue
@@ -298,6 +304,8 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
                     curve.append({"turn": t + 1, **evaluate_turns(model, eval_turns[:t + 1], plan.kind,
                                                                   quirks, progress=False)})
             save("edit", t + 1)
+            bar.update()
+    log.info("scoring the edited model")
     with timer.phase("evaluate_post"):
         post = evaluate_turns(model, eval_turns, plan.kind, quirks)
     if shared:
@@ -332,5 +340,6 @@ def _pre_metrics(opts: CellOptions, plan: DataPlan, model: Any, eval_turns: list
         if record["config"].get("metric_quirks") != quirks.as_dict():
             raise ConfigError(f"{opts.pre_record}: evaluated with other metric switches")
         return record["metrics"]["pre"]
+    log.info("scoring the unedited model")
     with timer.phase("evaluate_pre"):
         return evaluate_turns(model, eval_turns, plan.kind, quirks)

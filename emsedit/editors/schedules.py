@@ -17,9 +17,9 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
 
 from emsedit.models import snapshot_weights
+from emsedit.progress import Progress
 
 if TYPE_CHECKING:
     from emsedit.data import Turn
@@ -112,8 +112,7 @@ class TrainingSchedules:
             "rollout_backtrack": self._train_backtrack,
         }[self.schedule]
         units = [(epoch, t) for epoch in range(self.hp.n_epochs) for t in range(len(turns))]
-        bar = tqdm(total=len(units), initial=start, desc=f"meta-train {self.hp.name}", unit="turn",
-                   leave=False, disable=None)
+        bar = Progress(f"meta-train {self.hp.name}", len(units), initial=start)
         for unit, (epoch, t) in enumerate(units):
             if unit < start:
                 continue
