@@ -14,7 +14,7 @@ CORES  ?= all
 # The data mirror: CI and local runs read the dataset files from ../shared/data when it exists.
 export EMSEDIT_DATA_MIRROR ?= $(abspath ../shared/data)
 
-.PHONY: check-python setup reproduce test test-cluster bench lint clean
+.PHONY: check-python setup reproduce test test-cluster bench gpu-check lint clean
 
 # Refuse an interpreter older than MIN_PYTHON (or none at all) in one line, naming the fix.
 check-python:
@@ -48,6 +48,11 @@ test-cluster: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_benchmarks.py --out benchmarks/results/benchmarks.json
+
+# On a machine with a GPU (and a CUDA build of torch: leave TORCH_INDEX_URL empty on Linux x86_64):
+# one short cell of every editor on CUDA in bfloat16 and float32; fails on any non-finite value.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 lint: setup
 	$(BIN)/snakemake --lint

@@ -4,6 +4,7 @@ A checkpoint lives in a folder whose name encodes the whole experiment key, so t
 share one. ``state.safetensors`` holds the editor's tensors (networks with normaliser statistics,
 Adam state, pending gradients, edited weights); ``state.json`` holds progress and counters. The JSON
 is written last and names the tensor file's sha256, so a torn write is detected and ignored.
+The same pair, under the stem ``editor``, is a reusable trained editor (:mod:`emsedit.editor_archive`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write tensors and metadata atomically into ``folder``."""
+def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
+                    stem: str = "state") -> None:
+    """Write tensors and metadata atomically into ``folder`` (``<stem>.safetensors``, ``<stem>.json``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "state.safetensors"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state.", suffix=".tmp")
+    target = folder / f"{stem}.safetensors"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
@@ -44,13 +46,14 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: 
         Path(tmp).unlink(missing_ok=True)
         raise
     payload = {**meta, "tensors_sha256": _sha256(target)}
-    write_bytes_atomic(folder / "state.json", json.dumps(payload, indent=1, sort_keys=True).encode())
+    write_bytes_atomic(folder / f"{stem}.json", json.dumps(payload, indent=1, sort_keys=True).encode())
 
 
-def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_checkpoint(folder: str | Path, *,
+                    stem: str = "state") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """Read a checkpoint; None when there is none or it is incomplete (torn write)."""
     folder = Path(folder)
-    meta_path, tensor_path = folder / "state.json", folder / "state.safetensors"
+    meta_path, tensor_path = folder / f"{stem}.json", folder / f"{stem}.safetensors"
     if not (meta_path.exists() and tensor_path.exists()):
         return None
     meta = json.loads(meta_path.read_text())

@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the resumable state after the record is written (default: remove it; "
                         "a MALMEN state is ~0.3 GB)")
+    p.add_argument("--save-editor", metavar="DIR",
+                   help="write the trained editor here after meta-training (hypernetworks with their normaliser "
+                        "statistics as safetensors, and JSON); reuse it with --load-editor")
+    p.add_argument("--load-editor", metavar="DIR",
+                   help="skip meta-training: edit with the editor written by --save-editor (same editor, model, "
+                        "edited modules, steps, sharing and hyperparameters, else refused)")
     return parser
 
 
@@ -149,7 +155,8 @@ def _cell_options(args: argparse.Namespace) -> Any:
         curve=getattr(args, "curve", False), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every_s=getattr(args, "checkpoint_every", 60.0), data_dir=args.data_dir,
         tags=_key_values(args.tag, "--tag"), metric_quirks=quirks, prefix_cache=args.prefix_cache,
-        device=args.device,
+        device=args.device, save_editor=getattr(args, "save_editor", None),
+        load_editor=getattr(args, "load_editor", None),
     )
 
 

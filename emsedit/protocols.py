@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from emsedit import editor_archive
 from emsedit.checkpoints import load_checkpoint, save_checkpoint
 from emsedit.config import ConfigError, ModelConfig, find_config
 from emsedit.data import Turn
@@ -69,6 +70,8 @@ class CellOptions:
     metric_quirks: dict[str, bool] = field(default_factory=dict)
     prefix_cache: bool = True  # compute the layers below the lowest edited one once per mini-batch
     device: str = "auto"  # "auto": CUDA when available, else CPU; or any torch device string
+    save_editor: str | None = None  # run: write the trained editor here (emsedit/editor_archive.py)
+    load_editor: str | None = None  # run: load a trained editor from here instead of meta-training
 
     @property
     def torch_device(self) -> torch.device:
@@ -94,6 +97,8 @@ class CellOptions:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not (math.isfinite(self.prefix_max_mb) and self.prefix_max_mb >= 0):
             raise ConfigError(f"--prefix-max-mb must be a finite number >= 0, got {self.prefix_max_mb}")
+        if self.save_editor and self.load_editor:
+            raise ConfigError("--save-editor and --load-editor exclude each other (a loaded editor is not trained)")
 
 
 def _setup(opts: CellOptions) -> tuple[ModelConfig, Any, Any, dict[str, torch.nn.Module], float]:
@@ -240,7 +245,8 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
     dataset = load_dataset_config(opts.dataset)
     quirks = MetricQuirks.from_mapping(opts.metric_quirks)
     cls = editor_class(hp.name)
-    train_turns = resolve_train_turns(cls.resolve_schedule(hp, opts.protocol), hp, opts)
+    archive = editor_archive.preflight(cls, hp, opts)  # a trained editor to load: nothing to train
+    train_turns = 0 if archive else resolve_train_turns(cls.resolve_schedule(hp, opts.protocol), hp, opts)
     plan = plan_data(dataset, n_eval=opts.turns * opts.edits, n_train=train_turns * opts.edits,
                      seed=opts.seed, eval_file=opts.eval_file, train_file=opts.train_file,
                      order_file=opts.order_file, data_dir=opts.data_dir,
@@ -258,6 +264,9 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
     with timer.phase("load_prefix"):
         shared = _preload_prefix(opts, model, model_cfg)
     editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
+    if archive:
+        with timer.phase("load_editor"):
+            editor_archive.load_into(editor, opts.load_editor, archive)
     collate = {"lm_batch_size": hp.lm_batch_size, "old_label_pad": opts.old_label_pad,
                "device": opts.torch_device}
     eval_turns = build_turns(pick(plan.eval_requests, plan.edit_order), tokenizer, opts.edits,
@@ -271,6 +280,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
         "steps": hp.steps, "loss": hp.loss, "hypernetworks": editor.hypernetworks,
         "train_turns": train_turns,
         **shared,
+        **(editor_archive.record_fields(opts.load_editor, archive) if archive else {}),
     })
 
     pre = _pre_metrics(opts, plan, model, eval_turns, quirks, timer)
@@ -288,11 +298,15 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
         for k, v in meta["timings"].items():
             timer.add(k, v)
 
-    with timer.phase("train_total"):
+    if archive and phase == "train":
+        phase, units = "edit", 0  # loaded: no meta-training, no training timings
+    with timer.phase("train_total") if not archive else contextlib.nullcontext():
         if phase == "train":
             editor.meta_train(train, on_turn_done=save, start=units)
             phase, units = "edit", 0
             save("edit", 0, force=True)
+    if opts.save_editor:
+        _save_trained(opts, editor, model_cfg, plan, timer, units, folder)
     curve = save.curve
     with timer.phase("edit_total"), Progress(f"edit {hp.name}", len(eval_turns), initial=units) as bar:
         for t, turn in enumerate(eval_turns):
@@ -319,12 +333,25 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
         "kind": "run",
         "config": config,
         "edit_order": plan.edit_order,
-        "train_order": plan.train_order,
+        "train_order": archive["training"]["train_order"] if archive else plan.train_order,
         "metrics": metrics,
         "training": {**editor.stats, "editing_skipped_nonfinite": editor.edit_stats["skipped_nonfinite"]},
         "timings": timer.as_dict(),
         **provenance(),
     }
+
+
+def _save_trained(opts: CellOptions, editor: Any, model_cfg: ModelConfig, plan: DataPlan, timer: PhaseTimer,
+                  edited_turns: int, checkpoint: Path | None) -> None:
+    """``--save-editor``: write the editor as meta-training left it, before its first edit."""
+    if edited_turns:  # resumed after some edits: the run that trained wrote the archive
+        if not Path(opts.save_editor, f"{editor_archive.STEM}.json").exists():
+            raise ConfigError(f"--save-editor: the checkpoint resumed from is past the first edit, so the "
+                              f"trained editor can no longer be saved (remove {checkpoint} to train again)")
+        return
+    with timer.phase("save_editor"):
+        editor_archive.save_editor(opts.save_editor, editor, model=model_cfg.name, protocol=opts.protocol,
+                                   plan=plan, edits=opts.edits, seed=opts.seed)
 
 
 def _pre_metrics(opts: CellOptions, plan: DataPlan, model: Any, eval_turns: list[Turn],

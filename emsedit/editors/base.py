@@ -441,13 +441,22 @@ class Editor(TrainingSchedules):
         self.zero_lm_grads()
 
     # ------------------------------------------------------------------ state for checkpoints
+    def net_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained editor: every distinct step network's parameters and normaliser statistics,
+        keyed ``nets.<network>.<state_dict key>`` (a shared network appears once)."""
+        return {f"nets.{s}.{k}": v.detach()
+                for s, nets in enumerate(self.distinct_nets()) for k, v in nets.state_dict().items()}
+
+    def load_net_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`net_tensors` (other keys are ignored; a missing or misshapen one raises)."""
+        for s, nets in enumerate(self.distinct_nets()):
+            prefix = f"nets.{s}."
+            nets.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume: networks (with normalisers), Adam state, pending
         hypernetwork gradients and the edited weights."""
-        out: dict[str, torch.Tensor] = {}
-        for s, nets in enumerate(self.distinct_nets()):
-            for k, v in nets.state_dict().items():
-                out[f"nets.{s}.{k}"] = v.detach()
+        out: dict[str, torch.Tensor] = self.net_tensors()
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 out[f"grad.{i}"] = p.grad.detach()
@@ -461,9 +470,7 @@ class Editor(TrainingSchedules):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_tensors`."""
-        for s, nets in enumerate(self.distinct_nets()):
-            prefix = f"nets.{s}."
-            nets.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.load_net_tensors(tensors)
         for i, p in enumerate(self.params):
             g = tensors.get(f"grad.{i}")
             p.grad = None if g is None else g.to(p.device, copy=True)
