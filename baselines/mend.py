@@ -1,7 +1,10 @@
 """MEND as re-implemented in MALMEN and used by the EMSEdit repository (spec §7.1).
 
 The shift is a sum of outer products of pseudo-keys and pseudo-gradients, ``ΔW = −lr·Σ k̃ g̃ᵀ``,
-instead of the ridge solve; its meta-gradient is taken by autograd through ⟨Γ, ΔW(θ)⟩.
+instead of the ridge solve. As for the ridge editors, the rows of every module of one shape group
+go through the group's network together (each row carries its module's index), in chunks of
+``chunk_size`` rows; the meta-gradient is taken by autograd through ⟨Γ, ΔW(θ)⟩, written per row as
+``−lr_m · ⟨k̃_i, Γ_m g̃_i⟩`` so no chunk forms a d_in × d_out matrix.
 """
 
 from __future__ import annotations
@@ -17,24 +20,34 @@ class MEND(Editor):
 
     shift = "outer"
 
-    def _shift(self, step: int, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        net = self.nets[step][self.group_of[name]]
-        idx = self.index_of[name]
-        total = keys.new_zeros(keys.shape[1], grads.shape[1])
-        for start in range(0, keys.shape[0], self.hp.chunk_size):
-            pk, pg = net(keys[start:start + self.hp.chunk_size], grads[start:start + self.hp.chunk_size], idx)
-            total = total + outer_shift(pk, pg, net.module_lr(idx))
-        return total
+    def _chunks(self, rows: int) -> list[slice]:
+        return [slice(start, start + self.hp.chunk_size) for start in range(0, rows, self.hp.chunk_size)]
 
     def predict(self, step: int, cache: StepCache) -> Shifts:
+        shifts = {}
         with torch.no_grad():
-            return {n: self._shift(step, n, cache.keys[n], cache.grads[n]) for n in self.modules}
+            for group in self.groups:
+                net = self.nets[step][group]
+                names, keys, grads, idx = self._group_rows(group, cache)
+                pseudo = [net(keys[sl], grads[sl], idx[sl]) for sl in self._chunks(keys.shape[0])]
+                sizes = [cache.keys[n].shape[0] for n in names]
+                pks = torch.cat([pk for pk, _ in pseudo]).split(sizes)
+                pgs = torch.cat([pg for _, pg in pseudo]).split(sizes)
+                for name, pk, pg in zip(names, pks, pgs):
+                    shifts[name] = outer_shift(pk, pg, net.module_lr(self.index_of[name]))
+        return {name: shifts[name] for name in self.modules}
 
     def accumulate_metagrad(self, step: int, cache: StepCache, shifts: Shifts, gammas: Shifts) -> None:
-        for name in self.modules:
-            keys, grads = cache.keys[name], cache.grads[name]
-            net = self.nets[step][self.group_of[name]]
-            idx = self.index_of[name]
-            for start in range(0, keys.shape[0], self.hp.chunk_size):
-                pk, pg = net(keys[start:start + self.hp.chunk_size], grads[start:start + self.hp.chunk_size], idx)
-                (gammas[name] * outer_shift(pk, pg, net.module_lr(idx))).sum().backward()
+        for group in self.groups:
+            net = self.nets[step][group]
+            names, keys, grads, idx = self._group_rows(group, cache)
+            for sl in self._chunks(keys.shape[0]):
+                pk, pg = net(keys[sl], grads[sl], idx[sl])
+                rows = idx[sl]
+                projected = torch.empty_like(pk)  # Γ_m g̃_i of each row's module m
+                for name in names:
+                    mine = rows == self.index_of[name]
+                    if mine.any():
+                        projected[mine] = pg[mine] @ gammas[name].T
+                lr = net.lr.weight[rows, 0]
+                (-(lr * (pk * projected).sum(-1))).sum().backward()

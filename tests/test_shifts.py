@@ -231,3 +231,66 @@ def test_editor_metagrad_matches_autograd_through_the_shift(llama_setup, name):
         torch.testing.assert_close(a, r, rtol=2e-3, atol=1e-5 * float(r.abs().max()))
         checked += 1
     assert checked >= 5
+
+
+# ------------------------------------------------------------------- RLEdit's memory in joined passes
+def _memory_turns(tok):
+    """Three turns of 2 requests (lm_batch_size 1: two 1-row mini-batches per kind and turn)."""
+    reqs = _requests(6)
+    return [make_turn(reqs[2 * i:2 * i + 2], tok, split="train", lm_batch_size=1) for i in range(3)]
+
+
+def _per_batch_losses(ed, weighted, refs=None):
+    """The reference: every mini-batch in its own forward pass, weight × loss, summed (no joining)."""
+    from emsedit.losses import cross_entropy, kl_locality
+    from emsedit.models import answer_rows_many
+
+    total, i = 0.0, 0
+    for turn, w in weighted:
+        for b in (turn.unrel if refs is not None else turn.equiv):
+            (answer,) = answer_rows_many(ed.model, [b])
+            if refs is None:
+                loss = w * cross_entropy(*answer)
+            else:
+                loss = w * ed.hp.loc_coef * kl_locality(refs[i], *answer)
+                i += 1
+            loss.backward()
+            total += loss.item()
+    return total
+
+
+@pytest.mark.parametrize("kind", ["edit", "kl"])
+def test_rledit_memory_passes_join_turns_and_equal_per_batch_passes(llama_setup, kind):
+    """RLEdit's remembered turns (weights time_decay^j) share joined passes; the loss and the weight
+    gradients equal those of one pass per mini-batch up to float rounding."""
+    model, modules, _ = llama_setup
+    tok = make_tokenizer("llama")
+    ed = _editor(llama_setup, "rledit")
+    turns = _memory_turns(tok)
+    weighted = [(turns[2 - j], 0.8 ** j) for j in range(3)]
+    groups = ed.weighted_passes(weighted, "equiv" if kind == "edit" else "unrel")
+    assert len(groups) == 1 and len(groups[0][0]) == 6  # all three turns in one pass
+    assert groups[0][1] == [1.0, 1.0, 0.8, 0.8, 0.8 ** 2, 0.8 ** 2]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move the weights off the reference point so the KL term is not zero
+        for m in modules.values():
+            m.weight.add_(0.05 * torch.randn(m.weight.shape, generator=g))
+    try:
+        refs = None
+        if kind == "kl":
+            ed.restore_weights()
+            refs = ed.reference_log_probs([b for t, _ in weighted for b in t.unrel])
+            with torch.no_grad():  # far enough from the reference that KL is not a float-noise difference
+                for m in modules.values():
+                    m.weight.add_(0.5 * torch.randn(m.weight.shape, generator=g))
+        ed.zero_lm_grads()
+        joined = ed.edit_loss(weighted) if refs is None else ed.kl_loss(weighted, refs)
+        grads = {n: m.weight.grad.clone() for n, m in modules.items()}
+        ed.zero_lm_grads()
+        reference = _per_batch_losses(ed, weighted, refs)
+        assert joined == pytest.approx(reference, rel=1e-5) and reference > 0
+        for n, m in modules.items():
+            torch.testing.assert_close(grads[n], m.weight.grad, rtol=1e-4, atol=1e-6)
+    finally:
+        ed.zero_lm_grads()
+        ed.restore_weights()

@@ -335,25 +335,52 @@ class Editor(TrainingSchedules):
         return answer_rows_many(self.model, batches)
 
     def reference_log_probs(self, batches: Sequence[MiniBatch]) -> list[torch.Tensor]:
-        """Answer-position log-probabilities at the current weights (the KL reference)."""
+        """Answer-position log-probabilities at the current weights (the KL reference), one per
+        mini-batch, in joined passes."""
         with torch.no_grad():
             return [answer_log_probs(*answer) for group in passes(batches) for answer in self._answers(group)]
 
-    def edit_loss(self, weighted: Sequence[tuple[Turn, float]]) -> float:
-        """Σ over paraphrase mini-batches of CE (each a mean over its answer tokens), back-propagated."""
-        total = 0.0
-        for turn, weight in weighted:
-            for group in passes(turn.equiv):
-                loss = weight * sum(cross_entropy(*answer) for answer in self._answers(group))
-                if not torch.isfinite(loss):
-                    return math.nan
-                loss.backward()
-                total += loss.item()
+    @staticmethod
+    def weighted_passes(weighted: Sequence[tuple[Turn, float]], kind: str
+                        ) -> list[tuple[list[MiniBatch], list[float]]]:
+        """The ``kind`` mini-batches (``equiv``, ``unrel``) of several weighted turns, joined into
+        passes of up to ``PASS_ROWS`` prompts across turns (RLEdit's remembered turns share passes),
+        each with its mini-batches' weights."""
+        batches = [b for turn, _ in weighted for b in getattr(turn, kind)]
+        weights = [w for turn, w in weighted for _ in getattr(turn, kind)]
+        out, done = [], 0
+        for group in passes(batches):
+            out.append((group, weights[done:done + len(group)]))
+            done += len(group)
+        return out
+
+    @staticmethod
+    def _weighted_sum(weights: Sequence[float], terms: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Σ w_b·term_b, summed per distinct weight first (``w·Σ term``), so a pass of one turn's
+        mini-batches adds up exactly as ``weight * sum(terms)``."""
+        total = None
+        for w in dict.fromkeys(weights):
+            part = w * sum(t for wt, t in zip(weights, terms) if wt == w)
+            total = part if total is None else total + part
         return total
 
-    def kl_loss(self, weighted: Sequence[tuple[Turn, float]], refs: Sequence[list[torch.Tensor]],
+    def edit_loss(self, weighted: Sequence[tuple[Turn, float]]) -> float:
+        """Σ over paraphrase mini-batches of weight × CE (each a mean over its answer tokens),
+        back-propagated pass by pass."""
+        total = 0.0
+        for group, weights in self.weighted_passes(weighted, "equiv"):
+            loss = self._weighted_sum(weights, [cross_entropy(*answer) for answer in self._answers(group)])
+            if not torch.isfinite(loss):
+                return math.nan
+            loss.backward()
+            total += loss.item()
+        return total
+
+    def kl_loss(self, weighted: Sequence[tuple[Turn, float]], refs: Sequence[torch.Tensor],
                 backward_at: Shifts | None = None) -> float:
-        """loc_coef · KL(reference ‖ edited) over locality mini-batches, back-propagated.
+        """loc_coef · weight × KL(reference ‖ edited) over the turns' locality mini-batches,
+        back-propagated pass by pass; ``refs`` holds one reference per mini-batch, in order
+        (:meth:`reference_log_probs` of the same turns' ``unrel`` mini-batches).
 
         With ``backward_at`` (edited module → weight), each pass's forward runs at the current
         weights but its backward at ``backward_at``: the weights' data is swapped in place without
@@ -365,22 +392,21 @@ class Editor(TrainingSchedules):
         edited = None
         if backward_at is not None:
             edited = snapshot_weights(self.modules)
-        for (turn, weight), ref in zip(weighted, refs):
-            done = 0
-            for group in passes(turn.unrel):
-                answers = self._answers(group)
-                loss = weight * self.hp.loc_coef * sum(
-                    kl_locality(r, *answer) for r, answer in zip(ref[done:done + len(group)], answers))
-                done += len(group)
-                if not torch.isfinite(loss):
-                    return math.nan
-                if edited is None:
-                    loss.backward()
-                else:
-                    self._swap_weight_data(backward_at)
-                    loss.backward()
-                    self._swap_weight_data(edited)
-                total += loss.item()
+        done = 0
+        for group, weights in self.weighted_passes(weighted, "unrel"):
+            answers = self._answers(group)
+            kls = [kl_locality(r, *answer) for r, answer in zip(refs[done:done + len(group)], answers)]
+            done += len(group)
+            loss = self._weighted_sum([w * self.hp.loc_coef for w in weights], kls)
+            if not torch.isfinite(loss):
+                return math.nan
+            if edited is None:
+                loss.backward()
+            else:
+                self._swap_weight_data(backward_at)
+                loss.backward()
+                self._swap_weight_data(edited)
+            total += loss.item()
         return total
 
     def _swap_weight_data(self, weights: Shifts) -> None:

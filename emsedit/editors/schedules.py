@@ -61,7 +61,7 @@ class TrainingSchedules:
         refs = None
         if self.hp.loss == "kl":
             with self.timer.phase("train_locality_loss"):
-                refs = [self.reference_log_probs(t.unrel) for t, _ in loss_turns]
+                refs = self.reference_log_probs([b for t, _ in loss_turns for b in t.unrel])
         self.zero_lm_grads()
         unedited = self._kl_backward_weights(refs)
         self.apply(shifts)
@@ -165,7 +165,7 @@ class TrainingSchedules:
         refs = None
         if self.hp.loss == "kl":
             with self.timer.phase("train_locality_loss"):
-                refs = [self.reference_log_probs(turn.unrel)]
+                refs = self.reference_log_probs(turn.unrel)
         done: list[tuple[int, StepCache, Shifts]] = []
         for step in range(self.hp.steps):
             out = self._train_shift(turn, step)
@@ -178,7 +178,7 @@ class TrainingSchedules:
             with self.timer.phase("train_edit_loss"):
                 edit = self.edit_loss([(turn, 1.0)])
             with self.timer.phase("train_locality_loss"):
-                loc = self.kl_loss([(turn, 1.0)], refs) if refs else self.add_l2_grad(self._rollout_eta())
+                loc = self.kl_loss([(turn, 1.0)], refs) if refs is not None else self.add_l2_grad(self._rollout_eta())
             if math.isfinite(edit) and math.isfinite(loc):
                 self._nonfinite_in_row = 0
                 self.stats["losses"].append(round(edit + loc, 6))
