@@ -1,7 +1,16 @@
-"""``python -m emsedit``: see :mod:`emsedit.cli`."""
+"""``python -m emsedit``: see :mod:`emsedit.cli` (and :mod:`emsedit.warm` for ``EMSEDIT_WARM=1``)."""
 
 import sys
 
-from emsedit.cli import main
+from emsedit import warm
 
-sys.exit(main())
+argv = sys.argv[1:]
+if warm.enabled(argv):
+    status = warm.run_remote(argv)
+    if status is not None:
+        sys.exit(status)
+
+from emsedit.cli import main  # noqa: E402
+
+status = main(argv)
+warm._flush_and_exit(status)  # skip the interpreter's teardown of torch (~1 s)

@@ -64,7 +64,11 @@ _pythonpath = f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH
 _path = f"export PATH={shlex.quote(PYTHON_BIN)}:$PATH; "
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
     _path = ""
-shell.prefix(f"set -euo pipefail; {_path}{_pythonpath}")
+# Model jobs fork from one warm interpreter per machine when the config asks (emsedit/warm.py): an
+# execution detail with the same records, so it travels in the environment, not in the commands
+# (changing it reruns nothing).
+_warm = "export EMSEDIT_WARM=1; " if config["warm_interpreter"] else "unset EMSEDIT_WARM; "
+shell.prefix(f"set -euo pipefail; {_path}{_pythonpath}{_warm}")
 CONFIG_DIR = Path(config["config_dir"])
 # The editors: those of the repository's config/editors, plus any declared in <config_dir>/editors
 # (an editor is its class file and its YAML; see emsedit/registry.py).
