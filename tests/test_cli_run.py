@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from emsedit import cli
-from emsedit.editors.base import Editor
+from emsedit.registry import editor_class
 from emsedit.config import REPO_ROOT
 from emsedit.tiny import save_tiny_model
 
@@ -121,6 +121,22 @@ def test_run_is_deterministic(env, reference, tmp_path):
     assert reference["metrics"]["post"]["efficacy"] > reference["metrics"]["pre"]["efficacy"]
 
 
+def test_thread_count_changes_no_record(env, reference, tmp_path):
+    """--threads 2 gives the record of --threads 1 (the checkpoint key leaves threads out, so a run
+    may resume with another thread count): every metric, training statistic and order is equal."""
+    out = tmp_path / "threads2.json"
+    args = run_args(env, out)
+    args[args.index("--threads") + 1] = "2"
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(1)  # run_cell set 2 for this process
+    two = json.loads(out.read_text())
+    assert (reference["config"]["threads"], two["config"]["threads"]) == (1, 2)
+    two["config"]["threads"] = 1
+    assert strip(two) == strip(reference)
+
+
 def test_different_seed_changes_the_order(env, reference, tmp_path):
     out = tmp_path / "seed4.json"
     args = run_args(env, out)
@@ -139,42 +155,102 @@ n, real = int(sys.argv[1]), protocols.run_cell
 protocols.run_cell = lambda hp, opts: real(hp, opts, after_checkpoint=lambda w: os._exit(75) if w >= n else None)
 sys.exit(cli.main(sys.argv[2:]))
 """
-@pytest.mark.parametrize("fault_after", [1, 5])
-def test_resume_after_fault_equals_uninterrupted(env, reference, reference_state, tmp_path, monkeypatch,
-                                                fault_after):
-    """Fault right after checkpoint write N (1 = after the first training turn; with 3 training
-    turns, 4 = the start of editing, 5 = after the first edit turn), then rerun the same command."""
+# Per editor: extra CLI arguments, the schedule the record must show, and the checkpoint writes of a
+# run with 3 training turns and 2 edit turns: one per training turn, a forced one at the start of
+# editing, one per edit turn. UltraEdit is training-free: it has no training checkpoint at all (its
+# first write is the start of editing), so its faults are in the editing phase only.
+RESUME_EDITORS = {
+    "emsedit": {"args": [], "schedule": "rollout", "hypernetworks": "per_step"},
+    # MALMEN² (S = 2, one network shared by both steps), sequential protocol: its step-wise batch
+    # schedule checkpoints after each training turn and the protocol after each of the 2 edit turns
+    "malmen": {"args": ["--steps", "2", "--set", "lr=100"], "schedule": "batch", "hypernetworks": "shared"},
+    "rledit": {"args": ["--set", "lr=100"], "schedule": "rollout_backtrack", "hypernetworks": "per_step"},
+    "ultraedit": {"args": ["--set", "lr=1"], "schedule": "none", "hypernetworks": "per_step"},
+}
+SCHEDULE_METHODS = {"rollout": "_train_rollout", "batch": "_train_batch", "rollout_backtrack": "_train_backtrack"}
+# (editor, fault after checkpoint write N, (phase, units) in the checkpoint, work left on resume)
+RESUME_CASES = [
+    ("emsedit", 1, ("train", 1), {"train": 2, "edit": 2}),  # after the first training turn
+    ("emsedit", 5, ("edit", 1), {"train": 0, "edit": 1}),   # 4 = start of editing, 5 = first edit turn
+    ("malmen", 1, ("train", 1), {"train": 2, "edit": 2}),
+    ("malmen", 5, ("edit", 1), {"train": 0, "edit": 1}),
+    ("rledit", 1, ("train", 1), {"train": 2, "edit": 2}),   # mid-rollout: memory turns and edited W
+    ("rledit", 5, ("edit", 1), {"train": 0, "edit": 1}),
+    ("ultraedit", 1, ("edit", 0), {"train": 0, "edit": 2}),  # write 1 is already in the editing phase
+    ("ultraedit", 2, ("edit", 1), {"train": 0, "edit": 1}),
+]
+
+
+def editor_args(env, out, editor, *extra):
+    args = run_args(env, out, *RESUME_EDITORS[editor]["args"], *extra)
+    args[args.index("--editor") + 1] = editor
+    return args
+
+
+@pytest.fixture(scope="module")
+def editor_references(env, reference, reference_state):
+    """Per editor, lazily: the uninterrupted record and the final checkpoint of an uninterrupted run
+    with checkpointing (whose record must equal the record without checkpoints)."""
+    cache = {"emsedit": (reference, reference_state)}
+
+    def get(editor):
+        if editor not in cache:
+            out = env["root"] / f"reference_{editor}.json"
+            assert cli.main(editor_args(env, out, editor)) == 0
+            record = json.loads(out.read_text())
+            out_ckpt, folder = env["root"] / f"reference_{editor}_ckpt.json", env["root"] / f"ckpt_{editor}"
+            assert cli.main(editor_args(env, out_ckpt, editor, "--checkpoint-dir", str(folder),
+                                        "--checkpoint-every", "0", "--keep-checkpoint")) == 0
+            assert strip(json.loads(out_ckpt.read_text())) == strip(record)
+            cache[editor] = (record, _final_state(folder))
+        return cache[editor]
+
+    return get
+
+
+@pytest.mark.parametrize("editor, fault_after, state_at_fault, work_left", RESUME_CASES,
+                         ids=[f"{e}-fault{n}" for e, n, _, _ in RESUME_CASES])
+def test_resume_after_fault_equals_uninterrupted(env, editor_references, tmp_path, monkeypatch,
+                                                editor, fault_after, state_at_fault, work_left):
+    """Fault right after checkpoint write N, then rerun the same command: the record and the final
+    state equal an uninterrupted run's, and the rerun does only the work left."""
+    reference, (ref_meta, ref_tensors) = editor_references(editor)
+    spec = RESUME_EDITORS[editor]
+    assert reference["config"]["editor"]["schedule"] == spec["schedule"]
+    assert reference["config"]["hypernetworks"] == spec["hypernetworks"]
+    assert reference["config"]["steps"] == (2 if editor in ("emsedit", "malmen") else 1)
+    assert reference["config"]["train_turns"] == (0 if editor == "ultraedit" else 3)
+    if editor == "ultraedit":  # training-free: the uninterrupted run's checkpoints never were in training
+        assert reference["training"]["optimizer_steps"] == 0 and reference["training"]["train_turns"] == 0
     out = tmp_path / "resumed.json"
-    args = run_args(env, out, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0")
+    args = editor_args(env, out, editor, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0")
     proc = subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(fault_after), *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert not out.exists()
     state = json.loads(next((tmp_path / "ckpt").glob("*/state.json")).read_text())
-    assert (state["phase"], state["units"]) == (("train", 1) if fault_after == 1 else ("edit", 1))
+    assert (state["phase"], state["units"]) == state_at_fault
     # resume, without the fault, counting the work the second process does
+    cls = editor_class(editor)
     done = {"train": 0, "edit": 0}
-    real_rollout, real_edit = Editor._train_rollout, Editor.edit_turn
 
-    def rollout(self, *a, **k):
-        done["train"] += 1
-        return real_rollout(self, *a, **k)
+    def counting(kind, real):
+        def wrapper(self, *a, **k):
+            done[kind] += 1
+            return real(self, *a, **k)
+        return wrapper
 
-    def edit(self, *a, **k):
-        done["edit"] += 1
-        return real_edit(self, *a, **k)
-
-    monkeypatch.setattr(Editor, "_train_rollout", rollout)
-    monkeypatch.setattr(Editor, "edit_turn", edit)
+    for method in SCHEDULE_METHODS.values():
+        monkeypatch.setattr(cls, method, counting("train", getattr(cls, method)))
+    monkeypatch.setattr(cls, "edit_turn", counting("edit", cls.edit_turn))
     assert cli.main([*args, "--keep-checkpoint"]) == 0  # kept, to compare the final state below
-    assert done == ({"train": 2, "edit": 2} if fault_after == 1 else {"train": 0, "edit": 1})
+    assert done == work_left
     resumed = json.loads(out.read_text())
     for key in ("metrics", "training", "edit_order", "train_order"):
         assert resumed[key] == reference[key], key
     assert strip(resumed)["config"] == strip(reference)["config"]
     # and the final state (hypernetworks, normalisers, Adam state, edited weights) is bit-identical
     meta, tensors = _final_state(tmp_path / "ckpt")
-    ref_meta, ref_tensors = reference_state
     assert (meta["phase"], meta["units"], meta["stats"]) == (ref_meta["phase"], ref_meta["units"], ref_meta["stats"])
     assert sorted(tensors) == sorted(ref_tensors)
     for key, value in ref_tensors.items():

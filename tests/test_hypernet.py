@@ -12,7 +12,7 @@ import torch
 from emsedit.registry import editor_class
 from emsedit.hparams import load_editor_hparams
 from emsedit.config import REPO_ROOT
-from emsedit.hypernet import HyperNet, RunningNorm, step_ranks
+from emsedit.hypernet import HyperBlock, HyperNet, RunningNorm, step_ranks
 from emsedit.models import resolve_modules
 from emsedit.tiny import make_tiny_llama, make_tokenizer
 
@@ -120,11 +120,21 @@ def test_hypernet_gradients_at_init_reach_B_and_c_but_not_A():
         assert torch.count_nonzero(block.scale.weight.grad) == 0  # z = 0 at init
 
 
-def test_hypernet_relu_would_block_the_gradient():
-    """Guards the clamp-vs-relu pitfall (spec §11.7): relu at 0 gives zero gradient, clamp does not."""
-    x = torch.zeros(3, requires_grad=True)
-    torch.clamp(x, min=0).sum().backward()
-    assert torch.equal(x.grad, torch.ones(3))
+def test_hyperblock_passes_gradient_through_the_zero_pre_activation():
+    """Guards the clamp-vs-relu pitfall (spec §11.7) in HyperBlock itself: at init (B = 0, c = 0) every
+    pre-activation h A B + c is exactly 0, and the block's clamp(min=0) passes the upstream gradient
+    there as if it were the identity (relu would pass 0). So with upstream gradient w:
+    dL/dc = Σ_rows scale[m]·w = Σ_rows w and dL/dB = (h A)ᵀ w, exactly."""
+    block = HyperBlock(6, 3, 2, torch.Generator().manual_seed(4))
+    h = torch.randn(5, 6, generator=torch.Generator().manual_seed(5))
+    idx = torch.tensor([0, 1, 1, 0, 1])
+    w = torch.randn(5, 6, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.count_nonzero(h @ block.A @ block.B + block.c) == 0  # the kink, on every entry
+    (block(h, idx) * w).sum().backward()
+    torch.testing.assert_close(block.c.grad, w.sum(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(block.B.grad, (h @ block.A).detach().T @ w, rtol=1e-5, atol=1e-5)
+    assert block.c.grad.abs().min() > 0
 
 
 # ---------------------------------------------------------------------------------------- ranks

@@ -216,6 +216,10 @@ def test_shift_layout_single_entry(model_and_patterns):
     x = torch.zeros(2, d_in, dtype=torch.float64)
     x[0, i] = 1.0        # row 0: input feature i only
     x[1, i + 1] = 1.0    # row 1: a different input feature
+    # the (in, out) entry read from the module's own layout: nn.Linear stores (out, in), Conv1D (in, out)
+    native = (lambda: module.weight.detach()[j, i]) if isinstance(module, torch.nn.Linear) \
+        else (lambda: module.weight.detach()[i, j])
+    before = float(native())
     with torch.no_grad():
         y0 = module(x)
         add_shift(module, delta)
@@ -223,7 +227,14 @@ def test_shift_layout_single_entry(model_and_patterns):
     expected = torch.zeros_like(y0)
     expected[0, j] = 0.75
     torch.testing.assert_close(y1 - y0, expected, rtol=0, atol=1e-12)
-    assert weight_in_out(module)[i, j] == weight_in_out(module)[i, j]  # a view, readable in (in, out)
+    # weight_in_out reads in (in, out): its [i, j] is the shifted native entry, not its transpose's
+    view = weight_in_out(module)
+    assert float(view[i, j]) == float(native()) == before + 0.75
+    assert tuple(view.shape) == (d_in, d_out)
+    # and it is a view: writing into it changes the weight
+    with torch.no_grad():
+        view[i, j] = -2.5
+    assert float(native()) == -2.5
 
 
 def test_grad_in_out_layout(model_and_patterns):

@@ -2,9 +2,9 @@
 named, the aggregation -> tables -> notebooks -> claims -> report path works on synthetic records,
 and runs are incremental. The real end-to-end run on the tiny model is marked slow.
 
-Snakemake runs as a subprocess from the project's environment. Where config/models or
-config/datasets lack a name the configs use (the library's configs are written separately), the
-dry runs point config_dir at stub YAMLs in tests/workflow_fixtures/config.
+Snakemake runs as a subprocess from the project's environment. The dry runs and the lint read the
+real model and dataset YAMLs in config/ (never stubs): a model or dataset that config/config.yaml or
+config/paper.yaml names without a YAML in config/ fails the tests.
 """
 
 from __future__ import annotations
@@ -63,22 +63,24 @@ def names_used(config: dict) -> tuple[set, set]:
     return models - set(config.get("tiny_models") or {}), datasets
 
 
-def config_dir_args(*configs: Path) -> list[str]:
-    """--config config_dir=<stubs> when config/ lacks a model or dataset the configs name."""
-    for path in configs:
-        models, datasets = names_used(load(path))
-        missing = [m for m in models if not (ROOT / "config" / "models" / f"{m}.yaml").is_file()]
-        missing += [d for d in datasets if not (ROOT / "config" / "datasets" / f"{d}.yaml").is_file()]
-        if missing:
-            return ["--config", f"config_dir={FIXTURES / 'config'}"]
-    return []
+def missing_configs(config: Path) -> list[str]:
+    """The models and datasets ``config`` names that have no YAML in the repository's config/."""
+    models, datasets = names_used(load(config))
+    missing = [f"models/{m}.yaml" for m in sorted(models) if not (ROOT / "config" / "models" / f"{m}.yaml").is_file()]
+    missing += [f"datasets/{d}.yaml" for d in sorted(datasets)
+                if not (ROOT / "config" / "datasets" / f"{d}.yaml").is_file()]
+    return missing
+
+
+def config_dir_args() -> list[str]:
+    """--config config_dir=<the repository's config/>: the real model and dataset YAMLs, always."""
+    return ["--config", f"config_dir={ROOT / 'config'}"]
 
 
 def scratch_dry_run_args(config: Path, workdir: Path) -> list[str]:
     """A dry run of ``config`` in an empty working directory: never against the checkout's own
     results/ (after `make reproduce` every cell there is done and no run_cell job would be planned)."""
-    config_dir = config_dir_args(config) or ["--config", f"config_dir={ROOT / 'config'}"]
-    return ["-n", "--directory", str(workdir), "--configfile", str(config), *config_dir]
+    return ["-n", "--directory", str(workdir), "--configfile", str(config), *config_dir_args()]
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -209,9 +211,17 @@ def test_study_functions_are_found_and_a_missing_one_is_named(monkeypatch):
 # --- Snakemake: dry runs, lint, config validation --------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
+def test_configs_name_only_models_and_datasets_with_real_yamls(name):
+    """Every model and dataset the checked-in configs name has its YAML in config/ (no stand-ins)."""
+    missing = missing_configs(ROOT / "config" / name)
+    assert not missing, f"config/{name} names configs that config/ lacks: {missing}"
+
+
 def test_paper_dag_resolves(tmp_path):
     """(a) The whole paper grid resolves to a DAG (dry run, no GPU)."""
     paper = ROOT / "config" / "paper.yaml"
+    assert not missing_configs(paper), missing_configs(paper)
     res = snakemake(*scratch_dry_run_args(paper, tmp_path), "-q", "rules")
     assert res.returncode == 0, res.stderr + res.stdout
     counts = job_counts(res.stdout + res.stderr)
@@ -225,6 +235,7 @@ def test_paper_dag_resolves(tmp_path):
 
 def test_default_dag_covers_every_artifact(tmp_path):
     default = ROOT / "config" / "config.yaml"
+    assert not missing_configs(default), missing_configs(default)
     res = snakemake(*scratch_dry_run_args(default, tmp_path), "-q", "rules")
     assert res.returncode == 0, res.stderr + res.stdout
     counts = job_counts(res.stdout + res.stderr)
@@ -235,7 +246,7 @@ def test_default_dag_covers_every_artifact(tmp_path):
 
 def test_lint_is_clean():
     """(b) snakemake --lint passes."""
-    res = snakemake("--lint", *config_dir_args(ROOT / "config" / "config.yaml"))
+    res = snakemake("--lint", *config_dir_args())
     assert res.returncode == 0, res.stderr + res.stdout
     assert "Congratulations" in res.stdout + res.stderr
 

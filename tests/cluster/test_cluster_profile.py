@@ -68,8 +68,7 @@ def test_production_profile_fits_the_test_cluster():
     """Every site placeholder in profiles/slurm gets a test stand-in (none is left over)."""
     prod_dir = REPO / "profiles" / "slurm"
     prod = cp.load(prod_dir)
-    if not prod:
-        return
+    assert prod, f"no production SLURM profile: {prod_dir}/config.yaml is missing or empty"
     out, _ = cp.overlay(prod, cp.load(HERE / "profile"), no_accounting=False)
     merged = {**prod, **out}
     leftovers = [v for v in yaml.safe_dump(merged).split() if cp.PLACEHOLDER.match(v.strip("'\""))]

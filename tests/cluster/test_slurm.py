@@ -18,6 +18,8 @@ What runs (environment variables, all optional):
   CLUSTER_PROFILE    production profile dir (default profiles/slurm; the mini workflow falls back to
                      tests/cluster/mini/profile while profiles/slurm/config.yaml does not exist).
   CLUSTER_RUN_TIMEOUT  seconds per Snakemake run (default 900).
+  CLUSTER_ACCOUNTING_WAIT  seconds, after a run, for the cluster to record a final state for every
+                     job Snakemake submitted (default 60); the test fails when it does not.
 
 The scenario, in one fresh working directory:
   1. a run in which one job fails (with --keep-going): Snakemake exits non-zero, names the failed
@@ -27,11 +29,14 @@ The scenario, in one fresh working directory:
      runs every cluster rule of the workflow ran as a completed SLURM job;
   3. one more run submits nothing.
 A JSON summary (job ids per run, timings) is written to $EMSEDIT_CLUSTER_STATE/summary.json.
+Each run happens once per module in a fixture (failing_run -> rerun -> third_run, each depending on
+the one before), so every test can also be run alone (it brings about the runs it needs).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -57,7 +62,8 @@ FINAL_STATES = {
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.*?)\)\.?$", re.M)
 JOB_HEADER = re.compile(r"^(local)?(?:rule|checkpoint) (\w+):\s*$", re.M)
 
-SUMMARY: dict = {"runs": {}}
+# seconds to wait for the cluster's records of a run's jobs to reach a final state
+ACCOUNTING_WAIT = float(os.environ.get("CLUSTER_ACCOUNTING_WAIT", "60"))
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -144,17 +150,32 @@ def rule_of(job: dict) -> str:
     return m.group(1) if m else f"?{job['comment']}"
 
 
-def new_jobs(before: set[str], expect: set[str] | None = None, wait: float = 60) -> dict[str, dict]:
-    """Jobs that appeared since `before`, once all of them (and `expect`) have a final state."""
+def new_jobs(before: set[str], expect: set[str], wait: float = ACCOUNTING_WAIT) -> dict[str, dict]:
+    """Jobs that appeared since `before`, once every job of `expect` (the SLURM job ids Snakemake
+    reported) is known to the cluster and every new job has a final state. Fails the test when that
+    is not reached within `wait` seconds."""
     deadline = time.time() + wait
     while True:
-        jobs = slurm_jobs()
-        fresh = {j: v for j, v in jobs.items() if j not in before}
-        done = all(v["state"] in FINAL_STATES for v in fresh.values())
-        if done and (expect is None or expect <= set(fresh)):
+        fresh = {j: v for j, v in slurm_jobs().items() if j not in before}
+        unseen = expect - set(fresh)
+        running = {j: v["state"] for j, v in fresh.items() if v["state"] not in FINAL_STATES}
+        if not unseen and not running:
             return fresh
         if time.time() > deadline:
-            return fresh
+            pytest.fail(f"after {wait:.0f} s the cluster still lacks jobs {sorted(unseen)} and has jobs "
+                        f"without a final state {running} (of the new jobs {sorted(fresh)})")
+        time.sleep(1)
+
+
+def assert_no_new_jobs(before: set[str], settle: float = 5) -> None:
+    """No job appears on the cluster since `before`, watched for `settle` seconds (the accounting
+    may show a job a moment after its submission)."""
+    deadline = time.time() + settle
+    while True:
+        fresh = {j: v for j, v in slurm_jobs().items() if j not in before}
+        assert not fresh, f"submitted again: {fresh}"
+        if time.time() > deadline:
+            return
         time.sleep(1)
 
 
@@ -164,6 +185,7 @@ class Workflow:
         self.workdir = workdir
         self.logdir = logdir
         self.targets: list[str] = []
+        self.full_plan: dict = {}  # the dry run of the whole scenario's jobs, set by the wf fixture
 
     def command(self, extra: list[str]) -> list[str]:
         # Targets first: options such as --configfile take several values and would swallow them.
@@ -242,23 +264,50 @@ def ran_locally(out: str) -> collections.Counter:
     return collections.Counter(r for is_local, r in JOB_HEADER.findall(own_output(out)) if is_local)
 
 
-def record(label: str, out_ids: dict, jobs: dict, rc: int, seconds: float) -> None:
-    SUMMARY["runs"][label] = {
-        "rc": rc,
-        "seconds": round(seconds, 1),
+@dataclasses.dataclass
+class Run:
+    """One Snakemake run against the cluster: exit status, output, the SLURM job ids Snakemake
+    reported, and the cluster's record of every job that appeared during it (all in a final state)."""
+    rc: int
+    out: str
+    ids: dict[str, str]
+    jobs: dict[str, dict]
+    seconds: float
+
+
+def write_summary(summary: dict, label: str, run: Run) -> None:
+    summary["runs"][label] = {
+        "rc": run.rc,
+        "seconds": round(run.seconds, 1),
         "jobs": {j: {"rule": rule_of(v), "state": v["state"], "exit": v["exit"]}
-                 for j, v in sorted(jobs.items(), key=lambda kv: int(kv[0].split("_")[0]))},
+                 for j, v in sorted(run.jobs.items(), key=lambda kv: int(kv[0].split("_")[0]))},
     }
     state = os.environ.get("EMSEDIT_CLUSTER_STATE")
     if state:
-        Path(state, "summary.json").write_text(json.dumps(SUMMARY, indent=2) + "\n")
+        Path(state, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def submit(wf: "Workflow", label: str, extra: list[str], env_extra: dict | None = None) -> Run:
+    """Run Snakemake and wait until the cluster records a final state for every job it submitted."""
+    before = set(slurm_jobs())
+    rc, out, seconds = wf.run(label, extra, env_extra)
+    ids = submitted(out)
+    jobs = new_jobs(before, set(ids))
+    return Run(rc, out, ids, jobs, seconds)
 
 
 # --- fixtures --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def wf(tmp_path_factory) -> Workflow:
+def summary() -> dict:
+    """The scenario's JSON summary (job ids per run, timings), written to
+    $EMSEDIT_CLUSTER_STATE/summary.json as the runs happen."""
+    return {"runs": {}}
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory, summary) -> Workflow:
     if not os.environ.get("SLURM_CONF") or shutil.which("sbatch") is None:
         pytest.fail("no SLURM test cluster: run `make test-cluster` (workflow/scripts/slurm_cluster.sh test)")
     probe = subprocess.run(["sinfo", "-h", "-o", "%P %a %T"], capture_output=True, text=True, timeout=30)
@@ -276,7 +325,7 @@ def wf(tmp_path_factory) -> Workflow:
         _copy_tree(workdir)
     else:
         shutil.copy2(HERE / "mini" / "Snakefile", workdir / "Snakefile")
-    SUMMARY.update(workflow=cfg["workflow"], profile=str(cfg["profile"]),
+    summary.update(workflow=cfg["workflow"], profile=str(cfg["profile"]),
                    args=cfg["args"], workdir=str(workdir), logs=str(logdir))
     w = Workflow(cfg, workdir, logdir)
     if cfg["targets"] == "auto":
@@ -288,24 +337,27 @@ def wf(tmp_path_factory) -> Workflow:
         picked = whole["outputs"].get(rule, [])[: cfg["cells"]]
         assert picked, f"no outputs of rule {rule} in the dry run"
         w.targets = [o for outs in picked for o in outs]
-        SUMMARY["whole_workflow_jobs"] = dict(whole["remote"] + whole["local"])
+        summary["whole_workflow_jobs"] = dict(whole["remote"] + whole["local"])
     elif cfg["targets"] != "all":
         w.targets = shlex.split(cfg["targets"])
-    SUMMARY["targets"] = w.targets
+    summary["targets"] = w.targets
     w.full_plan = w.plan("00-dry-run-full")
     assert sum(w.full_plan["remote"].values()) > 0, (
         "the dry run plans no cluster jobs at all (every rule local, or nothing to do in a fresh "
         f"copy?): {dict(w.full_plan['local'])}"
     )
-    SUMMARY["planned_cluster_jobs"] = dict(w.full_plan["remote"])
-    SUMMARY["planned_local_jobs"] = dict(w.full_plan["local"])
+    summary["planned_cluster_jobs"] = dict(w.full_plan["remote"])
+    summary["planned_local_jobs"] = dict(w.full_plan["local"])
     return w
 
 
-# --- the scenario ----------------------------------------------------------------------------
+# --- the scenario: each run once per module, as fixtures; each test asks for the runs it needs ----
 
 
-def test_failing_job_is_reported_failed(wf: Workflow):
+@pytest.fixture(scope="module")
+def fail_setup(wf: Workflow, summary: dict) -> dict:
+    """How the failing run makes exactly one job fail: the rule, and the srun wrapper's environment
+    when the workflow has no switch for a failure."""
     cfg = wf.cfg
     env_extra = {}
     fail_rule = cfg["fail_rule"]
@@ -319,15 +371,49 @@ def test_failing_job_is_reported_failed(wf: Workflow):
             "CLUSTER_FAIL_MARK": str(wf.workdir / ".cluster-test-failed-once"),
         }
     assert fail_rule, "CLUSTER_FAIL_RULE must name the rule that CLUSTER_FAIL_ARGS makes fail"
-    SUMMARY["fail_rule"] = fail_rule
-    SUMMARY["fail_by"] = shlex.join(cfg["fail_args"]) if cfg["fail_args"] else "tests/cluster/shim/srun"
+    summary["fail_rule"] = fail_rule
+    summary["fail_by"] = shlex.join(cfg["fail_args"]) if cfg["fail_args"] else "tests/cluster/shim/srun"
+    return {"rule": fail_rule, "env": env_extra}
 
+
+@pytest.fixture(scope="module")
+def failing_run(wf: Workflow, summary: dict, fail_setup: dict) -> Run:
+    """1. The run in which one job fails (with --keep-going)."""
+    run = submit(wf, "01-failing", ["--keep-going", *wf.cfg["fail_args"]], fail_setup["env"])
+    write_summary(summary, "01-failing", run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def rerun(wf: Workflow, summary: dict, failing_run: Run) -> tuple[dict, Run]:
+    """2. After the failing run: the dry run's plan of what is missing, then the rerun."""
+    plan = wf.plan("02-dry-run-rerun")
+    run = submit(wf, "03-rerun", [])
+    write_summary(summary, "03-rerun", run)
+    return plan, run
+
+
+@pytest.fixture(scope="module")
+def third_run(wf: Workflow, summary: dict, rerun: tuple[dict, Run]) -> tuple[Run, set[str]]:
+    """3. One more run after the successful rerun; also the cluster's job ids before it."""
     before = set(slurm_jobs())
-    rc, out, secs = wf.run("01-failing", ["--keep-going", *cfg["fail_args"]], env_extra)
-    ids = submitted(out)
-    jobs = new_jobs(before, set(ids))
-    record("01-failing", ids, jobs, rc, secs)
+    rc, out, seconds = wf.run("04-nothing-to-do", [])
+    run = Run(rc, out, submitted(out), {j: v for j, v in slurm_jobs().items() if j not in before}, seconds)
+    write_summary(summary, "04-nothing-to-do", run)
+    return run, before
 
+
+def _assert_ran_on_slurm(wf: Workflow, out: str) -> None:
+    unexpected_local = {r for r in ran_locally(out) if r not in wf.cfg["local_rules"]}
+    assert not unexpected_local, (
+        f"ran outside SLURM: {unexpected_local} (if the workflow makes them local on purpose, "
+        "add them to CLUSTER_LOCAL_RULES)"
+    )
+
+
+def test_failing_job_is_reported_failed(wf: Workflow, fail_setup: dict, failing_run: Run):
+    fail_rule, (rc, out, ids, jobs) = fail_setup["rule"], (failing_run.rc, failing_run.out,
+                                                           failing_run.ids, failing_run.jobs)
     assert rc != 0, f"Snakemake exited 0 although a job was meant to fail:\n{tail(out)}"
     assert ids, f"Snakemake submitted no SLURM job:\n{tail(out)}"
     assert set(ids) == set(jobs), (
@@ -344,57 +430,39 @@ def test_failing_job_is_reported_failed(wf: Workflow):
     assert f"Error in rule {fail_rule}" in out, tail(out)
     for j in failed:
         assert f"SLURM-job '{j}' failed" in out, f"failed SLURM job {j} not reported:\n{tail(out)}"
-    unexpected_local = {r for r in ran_locally(out) if r not in wf.cfg["local_rules"]}
-    assert not unexpected_local, (
-        f"ran outside SLURM: {unexpected_local} (if the workflow makes them local on purpose, "
-        "add them to CLUSTER_LOCAL_RULES)"
-    )
-    wf.first_jobs = jobs
+    _assert_ran_on_slurm(wf, out)
 
 
-def test_rerun_submits_only_what_is_missing(wf: Workflow):
-    assert hasattr(wf, "first_jobs"), "needs the failing run before it"
-    plan = wf.plan("02-dry-run-rerun")
+def test_rerun_submits_only_what_is_missing(wf: Workflow, failing_run: Run, rerun: tuple[dict, Run]):
+    plan, run = rerun
     missing = plan["remote"]
     total = sum(wf.full_plan["remote"].values())
     assert 0 < sum(missing.values()) < total, (
         f"after the failing run the dry run plans {dict(missing)} of {total} cluster jobs"
     )
-
-    before = set(slurm_jobs())
-    rc, out, secs = wf.run("03-rerun", [])
-    ids = submitted(out)
-    jobs = new_jobs(before, set(ids))
-    record("03-rerun", ids, jobs, rc, secs)
-
-    assert rc == 0, f"rerun failed (rc={rc}):\n{tail(out)}"
-    assert set(ids) == set(jobs), f"Snakemake's job ids {sorted(ids)} != cluster's new jobs {sorted(jobs)}"
-    per_rule = collections.Counter(rule_of(v) for v in jobs.values())
-    assert per_rule == missing, f"rerun submitted {dict(per_rule)}, the dry run said {dict(missing)}"
-    bad = {j: v for j, v in jobs.items() if v["state"] != "COMPLETED"}
-    assert not bad, f"rerun jobs not COMPLETED: {bad}"
-    unexpected_local = {r for r in ran_locally(out) if r not in wf.cfg["local_rules"]}
-    assert not unexpected_local, (
-        f"ran outside SLURM: {unexpected_local} (if the workflow makes them local on purpose, "
-        "add them to CLUSTER_LOCAL_RULES)"
+    assert run.rc == 0, f"rerun failed (rc={run.rc}):\n{tail(run.out)}"
+    assert set(run.ids) == set(run.jobs), (
+        f"Snakemake's job ids {sorted(run.ids)} != cluster's new jobs {sorted(run.jobs)}"
     )
+    per_rule = collections.Counter(rule_of(v) for v in run.jobs.values())
+    assert per_rule == missing, f"rerun submitted {dict(per_rule)}, the dry run said {dict(missing)}"
+    bad = {j: v for j, v in run.jobs.items() if v["state"] != "COMPLETED"}
+    assert not bad, f"rerun jobs not COMPLETED: {bad}"
+    _assert_ran_on_slurm(wf, run.out)
 
     # Over both runs, every cluster job of the workflow ran as a completed SLURM job.
     completed = collections.Counter(
-        rule_of(v) for v in [*wf.first_jobs.values(), *jobs.values()] if v["state"] == "COMPLETED"
+        rule_of(v) for v in [*failing_run.jobs.values(), *run.jobs.values()] if v["state"] == "COMPLETED"
     )
     assert completed == wf.full_plan["remote"], (
         f"completed SLURM jobs per rule {dict(completed)} != planned {dict(wf.full_plan['remote'])}"
     )
-    wf.rerun_done = True
 
 
-def test_third_run_submits_nothing(wf: Workflow):
-    assert getattr(wf, "rerun_done", False), "needs the successful rerun before it"
-    before = set(slurm_jobs())
-    rc, out, secs = wf.run("04-nothing-to-do", [])
-    jobs = new_jobs(before, wait=5)
-    record("04-nothing-to-do", submitted(out), jobs, rc, secs)
-    assert rc == 0, tail(out)
-    assert not jobs, f"submitted again: {jobs}"
-    assert "Nothing to be done" in out, tail(out)
+def test_third_run_submits_nothing(rerun: tuple[dict, Run], third_run: tuple[Run, set[str]]):
+    assert rerun[1].rc == 0, f"the rerun before this run failed:\n{tail(rerun[1].out)}"
+    run, before = third_run
+    assert run.rc == 0, tail(run.out)
+    assert not run.ids, f"Snakemake submitted SLURM jobs again: {run.ids}"
+    assert "Nothing to be done" in run.out, tail(run.out)
+    assert_no_new_jobs(before)
