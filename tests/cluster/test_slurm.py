@@ -104,9 +104,22 @@ def _settings() -> dict:
         "fail_rule": fail_rule,
         "targets": targets,
         "cells": int(os.environ.get("CLUSTER_CELLS", "2")),
-        "local_rules": set(os.environ.get("CLUSTER_LOCAL_RULES", "all").split()),
+        "local_rules": (set(os.environ["CLUSTER_LOCAL_RULES"].split()) if "CLUSTER_LOCAL_RULES" in os.environ
+                        else _declared_local_rules() if workflow == "project" else {"all"}),
         "timeout": int(os.environ.get("CLUSTER_RUN_TIMEOUT", "900")),
     }
+
+
+def _declared_local_rules() -> set[str]:
+    """The project's `localrules` (and `all`), as Snakemake itself reads them from the Snakefile."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(),
+                                config_settings=ConfigSettings(configfiles=[REPO / ".test" / "config.yaml"]),
+                                snakefile=REPO / "Snakefile", workdir=REPO / ".test")._workflow
+        return set(workflow._localrules) | {"all"}
 
 
 def _copy_tree(dest: Path) -> None:
@@ -407,7 +420,7 @@ def _assert_ran_on_slurm(wf: Workflow, out: str) -> None:
     unexpected_local = {r for r in ran_locally(out) if r not in wf.cfg["local_rules"]}
     assert not unexpected_local, (
         f"ran outside SLURM: {unexpected_local} (if the workflow makes them local on purpose, "
-        "add them to CLUSTER_LOCAL_RULES)"
+        "declare them in the Snakefile's localrules or set CLUSTER_LOCAL_RULES)"
     )
 
 
