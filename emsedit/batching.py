@@ -18,7 +18,7 @@ import torch
 
 from emsedit.data import IGNORE_INDEX, EditRequest, MiniBatch, Turn
 
-__all__ = ["PASS_ROWS", "iter_minibatches", "joined_rows", "make_turn", "passes"]
+__all__ = ["PASS_ROWS", "collate_pairs", "iter_minibatches", "joined_rows", "make_turn", "passes"]
 
 # Prompts per transformer pass: consecutive mini-batches are computed together up to this many rows
 # (each keeps its own loss normalisation). On 2 CPU cores passes of 4 prompts cost ~38 ms per prompt,
@@ -81,12 +81,16 @@ def _pad_batch(items: Sequence[_Item], old_label_pad: int) -> MiniBatch:
     )
 
 
+def _order(items: list[_Item], sort_by: str) -> list[int]:
+    """Positions of the items, stable-sorted longest first (the order :func:`_collate` batches them in)."""
+    if sort_by == "input":
+        return sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
+    return sorted(range(len(items)), key=lambda i: -items[i].prompt_len)
+
+
 def _collate(items: list[_Item], lm_batch_size: int, old_label_pad: int, sort_by: str) -> list[MiniBatch]:
     """Stable-sort items longest first, cut into mini-batches, pad each."""
-    if sort_by == "input":
-        ordered = sorted(items, key=lambda it: -len(it.input_ids))
-    else:
-        ordered = sorted(items, key=lambda it: -it.prompt_len)
+    ordered = [items[i] for i in _order(items, sort_by)]
     return [
         _pad_batch(ordered[start : start + lm_batch_size], old_label_pad)
         for start in range(0, len(ordered), lm_batch_size)
@@ -159,12 +163,24 @@ def make_turn(
             for q, a, b in kind
         ]
 
+    built = {"edit": items(edit_t), "equiv": items(equiv_t), "unrel": items(unrel_t)}
     return Turn(
         requests=requests,
-        edit=_collate(items(edit_t), lm_batch_size, old_label_pad, sort_by),
-        equiv=_collate(items(equiv_t), lm_batch_size, old_label_pad, sort_by),
-        unrel=_collate(items(unrel_t), lm_batch_size, old_label_pad, sort_by),
+        **{kind: _collate(its, lm_batch_size, old_label_pad, sort_by) for kind, its in built.items()},
+        sources={kind: _order(its, sort_by) for kind, its in built.items()},
     )
+
+
+def collate_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Any, *, lm_batch_size: int = 4,
+                  sort_by: Literal["input", "prompt"] = "input") -> tuple[list[MiniBatch], list[int]]:
+    """Teacher-forced (prompt, answer) tuples tokenised and collated as :func:`make_turn` does its
+    zsRE tuples; returns the mini-batches and, per row in batch order, the position of its pair."""
+    if not pairs:
+        return [], []
+    prompt_ids = _token_ids(tokenizer, [q for q, _ in pairs], add_special_tokens=True)
+    answer_ids = _token_ids(tokenizer, [" " + a for _, a in pairs], add_special_tokens=False)
+    its = [_item(prompt_ids[q], answer_ids[" " + a], None, q, a) for q, a in pairs]
+    return _collate(its, lm_batch_size, 0, sort_by), _order(its, sort_by)
 
 
 def iter_minibatches(turns: Iterable[Turn]) -> Iterable[tuple[str, MiniBatch]]:

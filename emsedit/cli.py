@@ -58,6 +58,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", action="append", default=[], metavar="SWITCH=BOOL",
                    help="metric switch: cf_oldlabel_pad_zero, cf_minibatch_truncation (true = the official code's "
                         "behaviour, the default; false = corrected)")
+    p.add_argument("--metrics", metavar="VIEWS",
+                   help="metric views, comma-separated: teacher_forced (the official scores, always; with portability "
+                        "and locality against the unedited model) and generated (greedy answers: exact match and "
+                        "contains). Default: teacher_forced,generated. A run's --pre record must have the same")
+    p.add_argument("--generation-margin", type=int, metavar="N",
+                   help="generated view: decode at most the gold answer's token count + N new tokens (default: 5); "
+                        "the prompt format is the model config's prompt_format (plain or chat)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +164,7 @@ def _cell_options(args: argparse.Namespace) -> Any:
         tags=_key_values(args.tag, "--tag"), metric_quirks=quirks, prefix_cache=args.prefix_cache,
         device=args.device, save_editor=getattr(args, "save_editor", None),
         load_editor=getattr(args, "load_editor", None),
+        **{key: getattr(args, key) for key in ("metrics", "generation_margin") if getattr(args, key) is not None},
     )
 
 

@@ -81,6 +81,8 @@ def load_yaml_dataclass(cls: type[T], path_or_dict: str | os.PathLike[str] | Map
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+#: Prompt formats of the generated evaluation (:attr:`ModelConfig.prompt_format`).
+PROMPT_FORMATS = ("plain", "chat")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,10 @@ class ModelConfig:
     materialize: MaterializeSpec | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    #: how prompts are given to the model in the generated evaluation (emsedit/generation.py):
+    #: ``plain`` (the official prompt text, as the teacher-forced scores use it) or ``chat`` (the
+    #: prompt as one user turn of the tokenizer's chat template, with the generation prompt)
+    prompt_format: str = "plain"
 
     def __post_init__(self) -> None:
         for key in ("name", "name_or_path"):
@@ -145,6 +151,8 @@ class ModelConfig:
             raise ValueError(f"'trust_remote_code' must be true or false, got {self.trust_remote_code!r}")
         if self.attn_implementation is not None and not isinstance(self.attn_implementation, str):
             raise ValueError("'attn_implementation' must be a string or null")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"'prompt_format' must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> "ModelConfig":

@@ -65,6 +65,9 @@ class EditRequest:
     loc_prompts: tuple[str, ...]
     loc_answer: str
     loc_old_answer: str | None
+    #: (new question, new answer) pairs probing a consequence of the edit (EasyEdit's zsRE
+    #: ``portability`` field); empty when the record has none
+    portability: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -102,13 +105,16 @@ class Turn:
     """One turn of edit requests, collated into LM mini-batches per tuple kind (spec §4.3).
 
     The three kinds are sorted independently, so the i-th edit and the i-th paraphrase need not
-    belong to the same request.
+    belong to the same request: ``sources[kind][r]`` is where the r-th row of that kind (counted over
+    its mini-batches in order) stands among that kind's tuples in request order (the requests'
+    prompts flattened; for edit tuples, the request's position in ``requests``).
     """
 
     requests: list[EditRequest]
     edit: list[MiniBatch] = field(default_factory=list)
     equiv: list[MiniBatch] = field(default_factory=list)
     unrel: list[MiniBatch] = field(default_factory=list)
+    sources: dict[str, list[int]] = field(default_factory=dict)
 
 
 def json_type(value: Any) -> str:

@@ -208,6 +208,13 @@ def summarize(
     }
 
 
+def answer_argmax(logits: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
+    """Per row, the argmax token ids at its scored positions (``labels != -100``)."""
+    pred = logits.argmax(-1).cpu()
+    scored = (labels != IGNORE_INDEX).cpu()
+    return [row[keep].tolist() for row, keep in zip(pred, scored)]
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a parameterless model)."""
     param = next(model.parameters(), None)
@@ -221,11 +228,14 @@ def evaluate_turns(
     quirks: MetricQuirks = OFFICIAL_QUIRKS,
     *,
     progress: bool = True,
+    locality_argmax: list[list[list[int]]] | None = None,
 ) -> dict[str, Any]:
     """Score a model on every mini-batch of the given turns and return :func:`summarize`'s dict.
 
     Runs under ``torch.inference_mode`` with the model in eval mode (its previous train/eval mode
     is restored afterwards). ``progress`` reports the batches scored (:mod:`emsedit.progress`).
+    ``locality_argmax``, when given a list, receives one entry per turn: for every locality row (in
+    mini-batch order, see ``Turn.sources``) the argmax token ids at its answer positions.
     """
     from emsedit.batching import passes
     from emsedit.models import answer_forward_many
@@ -234,16 +244,21 @@ def evaluate_turns(
     scores: dict[str, list[float]] = {"edit": [], "equiv": [], "unrel": []}
     device = _model_device(model)
     # one turn's mini-batches of one kind, in joined passes (each replays or computes its lower layers once)
-    lists = [(name, [b.to(device) for b in getattr(turn, name)]) for turn in turns for name in scores]
+    lists = [(t, name, [b.to(device) for b in getattr(turn, name)])
+             for t, turn in enumerate(turns) for name in scores]
+    if locality_argmax is not None:
+        locality_argmax.extend([] for _ in turns)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            bar = Progress("evaluate", sum(len(batches) for _, batches in lists), unit="batches", enabled=progress)
-            for name, batches in lists:
+            bar = Progress("evaluate", sum(len(batches) for *_, batches in lists), unit="batches", enabled=progress)
+            for t, name, batches in lists:
                 for group in passes(batches):
                     for logits, scored in answer_forward_many(model, group):
                         scores[name].extend(score_batch(logits, scored, kind, quirks=quirks))
+                        if locality_argmax is not None and name == "unrel":
+                            locality_argmax[t].extend(answer_argmax(logits, scored.labels))
                     bar.update(len(group))
             bar.close()
     finally:

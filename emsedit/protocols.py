@@ -30,6 +30,8 @@ from emsedit.checkpoints import load_checkpoint, save_checkpoint
 from emsedit.config import ConfigError, ModelConfig, find_config
 from emsedit.data import Turn
 from emsedit.hparams import EditorHParams
+from emsedit.evaluation import METRIC_VIEWS, EvalSettings, Probes, build_probes, evaluate_views
+from emsedit.generation import DEFAULT_MARGIN
 from emsedit.metrics import MetricQuirks, evaluate_turns
 from emsedit.models import load_model, resolve_modules
 from emsedit.plans import DataPlan, build_turns, load_dataset_config, pick, plan_data
@@ -72,6 +74,8 @@ class CellOptions:
     device: str = "auto"  # "auto": CUDA when available, else CPU; or any torch device string
     save_editor: str | None = None  # run: write the trained editor here (emsedit/editor_archive.py)
     load_editor: str | None = None  # run: load a trained editor from here instead of meta-training
+    metrics: str = ",".join(METRIC_VIEWS)  # metric views (emsedit/evaluation.py): teacher_forced[,generated]
+    generation_margin: int = DEFAULT_MARGIN  # generated view: new tokens beyond the gold answer's count
 
     @property
     def torch_device(self) -> torch.device:
@@ -99,6 +103,11 @@ class CellOptions:
             raise ConfigError(f"--prefix-max-mb must be a finite number >= 0, got {self.prefix_max_mb}")
         if self.save_editor and self.load_editor:
             raise ConfigError("--save-editor and --load-editor exclude each other (a loaded editor is not trained)")
+        EvalSettings(self.metrics, margin=self.generation_margin)  # unknown views or a bad margin: ConfigError
+
+    def eval_settings(self, model_cfg: ModelConfig) -> EvalSettings:
+        """The metric views and generation settings of this cell on this model."""
+        return EvalSettings(self.metrics, model_cfg.prompt_format, self.generation_margin)
 
 
 def _setup(opts: CellOptions) -> tuple[ModelConfig, Any, Any, dict[str, torch.nn.Module], float]:
@@ -126,6 +135,7 @@ def _base_config(opts: CellOptions, model_cfg: ModelConfig, dataset: dict[str, A
         "threads": torch.get_num_threads(),
         "device": str(opts.torch_device),
         "metric_quirks": quirks.as_dict(),
+        "eval_metrics": opts.eval_settings(model_cfg).as_dict(),
         "old_label_pad": opts.old_label_pad,
         "tags": dict(opts.tags),
     }
@@ -142,8 +152,10 @@ def evaluate_cell(opts: CellOptions) -> dict[str, Any]:
     timer.add("load_model", load_s)
     turns = build_turns(pick(plan.eval_requests, plan.edit_order), tokenizer, opts.edits, split="eval",
                         lm_batch_size=4, old_label_pad=opts.old_label_pad, device=opts.torch_device)
+    probes = build_probes(turns, tokenizer, lm_batch_size=4, device=opts.torch_device)
     with timer.phase("evaluate_pre"):
-        pre = evaluate_turns(model, turns, plan.kind, quirks)
+        pre = evaluate_views(model, tokenizer, turns, probes, plan.kind, quirks, opts.eval_settings(model_cfg),
+                             timer=timer, phase="generate_pre")
     shared = {}
     if opts.prefix_out:
         if not isinstance(model, PrefixCachedModel):
@@ -193,8 +205,9 @@ def resolve_train_turns(editor_schedule: str, hp: EditorHParams, opts: CellOptio
 def _checkpoint_folder(opts: CellOptions, config: dict[str, Any]) -> Path | None:
     if not opts.checkpoint_dir:
         return None
-    # threads and replayed activations change no result, so a resume may differ in them
-    key = json.dumps({k: v for k, v in config.items() if k not in ("threads", "prefix_activations")},
+    # threads and replayed activations change no result, and the metrics are computed after the last
+    # edit, so a resume may differ in them
+    key = json.dumps({k: v for k, v in config.items() if k not in ("threads", "prefix_activations", "eval_metrics")},
                      sort_keys=True, default=str)
     return Path(opts.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -257,6 +270,8 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
             read_shared_header(opts.prefix_in, _prefix_meta(ModelConfig.from_yaml(find_config("models", opts.model))))
         except (OSError, ValueError) as err:
             raise ConfigError(f"--prefix-in: {err}") from None
+    if opts.pre_record:  # unedited scores of other metric views are refused before the model loads
+        _check_pre_views(opts)
     model_cfg, model, tokenizer, modules, load_s = _setup(opts)
     timer.add("load_model", load_s)
     log.info("%s: model %s loaded in %.1f s; %d edit turns of %d, %d training turns", hp.name,
@@ -273,6 +288,8 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
                              split="eval", **collate)
     train = build_turns(pick(plan.train_requests, plan.train_order), tokenizer, opts.edits,
                         split="train", **collate) if train_turns else []
+    probes = build_probes(eval_turns, tokenizer, lm_batch_size=hp.lm_batch_size, device=opts.torch_device)
+    settings = opts.eval_settings(model_cfg)
 
     config = _base_config(opts, model_cfg, dataset, plan, quirks)
     config.update({
@@ -283,7 +300,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
         **(editor_archive.record_fields(opts.load_editor, archive) if archive else {}),
     })
 
-    pre = _pre_metrics(opts, plan, model, eval_turns, quirks, timer)
+    pre = _pre_metrics(opts, plan, model, tokenizer, eval_turns, probes, quirks, settings, timer)
 
     folder = _checkpoint_folder(opts, config)
     save = _Checkpointer(folder, editor, timer, opts.checkpoint_every_s, after_checkpoint)
@@ -321,7 +338,8 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
             bar.update()
     log.info("scoring the edited model")
     with timer.phase("evaluate_post"):
-        post = evaluate_turns(model, eval_turns, plan.kind, quirks)
+        post = evaluate_views(model, tokenizer, eval_turns, probes, plan.kind, quirks, settings,
+                              reference=pre["locality_reference"], timer=timer, phase="generate_post")
     if shared:
         shared["prefix_activations"]["replayed"] = model.preloaded_hits
 
@@ -354,9 +372,20 @@ def _save_trained(opts: CellOptions, editor: Any, model_cfg: ModelConfig, plan: 
                                    plan=plan, edits=opts.edits, seed=opts.seed)
 
 
-def _pre_metrics(opts: CellOptions, plan: DataPlan, model: Any, eval_turns: list[Turn],
-                 quirks: MetricQuirks, timer: PhaseTimer) -> dict[str, Any]:
-    """The unedited model's scores: reused from an ``evaluate`` record when given, else computed."""
+def _check_pre_views(opts: CellOptions) -> None:
+    """A ``--pre`` record must hold this run's metric views (locality after editing needs its
+    unedited outputs) computed with the same generation settings."""
+    want = opts.eval_settings(ModelConfig.from_yaml(find_config("models", opts.model))).as_dict()
+    have = json.loads(Path(opts.pre_record).read_text())["config"].get("eval_metrics")
+    if have != want:
+        raise ConfigError(f"{opts.pre_record}: evaluated with other metric views or generation settings ({have} vs "
+                          f"this run's {want}); evaluate again with this run's --metrics and --generation-margin")
+
+
+def _pre_metrics(opts: CellOptions, plan: DataPlan, model: Any, tokenizer: Any, eval_turns: list[Turn],
+                 probes: Probes, quirks: MetricQuirks, settings: EvalSettings, timer: PhaseTimer) -> dict[str, Any]:
+    """The unedited model's scores (with the unedited outputs locality is scored against): reused
+    from an ``evaluate`` record when given, else computed."""
     if opts.pre_record:
         record = json.loads(Path(opts.pre_record).read_text())
         if record.get("edit_order") != plan.edit_order:
@@ -369,4 +398,5 @@ def _pre_metrics(opts: CellOptions, plan: DataPlan, model: Any, eval_turns: list
         return record["metrics"]["pre"]
     log.info("scoring the unedited model")
     with timer.phase("evaluate_pre"):
-        return evaluate_turns(model, eval_turns, plan.kind, quirks)
+        return evaluate_views(model, tokenizer, eval_turns, probes, plan.kind, quirks, settings, timer=timer,
+                              phase="generate_pre")

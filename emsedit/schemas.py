@@ -4,7 +4,8 @@
 family and, within a family, the keys that tell it apart, and its reader:
 
 * ``mend_zsre`` (``src, rephrase, alt, answers, loc, loc_ans``) and ``malmen_zsre`` (``src, ans,
-  rephrase, loc, loc_ans``);
+  rephrase, loc, loc_ans``), both with an optional EasyEdit ``portability`` object (``New Question``,
+  ``New Answer``; or a list of them);
 * ``rome_counterfact`` (``requested_rewrite``, ``paraphrase_prompts``, ``neighborhood_prompts``);
 * ``easyedit_counterfact`` (``prompt, subject, target_new, ground_truth, rephrase_prompt,
   locality_prompt, locality_ground_truth``).
@@ -172,7 +173,25 @@ def _zsre_request(rec: _Record, schema: str, zsre_target: str) -> EditRequest:
         loc_prompts=(loc + "?",),
         loc_answer=loc_ans,
         loc_old_answer=None,
+        portability=_portability(rec),
     )
+
+
+def _portability(rec: _Record) -> tuple[tuple[str, str], ...]:
+    """EasyEdit's optional ``portability`` field: one object, or a list of them, each with
+    ``New Question`` and ``New Answer``; absent (or null) gives no portability probe."""
+    raw = rec.raw.get("portability")
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, list) else [raw]
+    out = []
+    for i, item in enumerate(items):
+        where = f"portability[{i}]" if isinstance(raw, list) else "portability"
+        if not isinstance(item, Mapping):
+            raise rec.error(where, f"expected an object with 'New Question' and 'New Answer', got {json_type(item)}")
+        out.append(tuple(rec.string(f"{where}.{key}", item.get(key), use_value=True)
+                         for key in ("New Question", "New Answer")))
+    return tuple(out)
 
 
 def _rome_request(rec: _Record) -> EditRequest:

@@ -271,7 +271,7 @@ def run_inputs(wildcards):
 
 def run_options(wildcards):
     """Optional CLI flags of a cell: hypernetwork sharing, training amount, iteration-matched control,
-    variant overrides, tags."""
+    variant overrides, tags, metric views."""
     opts = []
     if wildcards.hypernetworks != "default":
         opts += ["--hypernetworks", wildcards.hypernetworks]
@@ -282,8 +282,18 @@ def run_options(wildcards):
     if wildcards.variant != grid.FAITHFUL:
         for key, value in grid.variant_overrides(config, wildcards.variant, wildcards.editor).items():
             opts += ["--set", f"{key}={value}"]
-    opts += ["--tag", f"variant={wildcards.variant}"]
+    opts += ["--tag", f"variant={wildcards.variant}", "--metrics", metric_views()]
     return " ".join(shlex.quote(o) for o in opts)
+
+
+def metric_views():
+    """Config eval_metrics as `--metrics` takes it (an order's evaluate and run jobs must agree)."""
+    return ",".join(config["eval_metrics"])
+
+
+def metrics_option(wildcards):
+    """`--metrics VIEWS` of the unedited-evaluation job."""
+    return f"--metrics {shlex.quote(metric_views())}"
 
 
 def checkpoint_dir(wildcards, output):

@@ -15,6 +15,7 @@ rule evaluate_unedited:
         model=model_arg,
         dataset=dataset_arg,
         prefix_mb=config["share_prefix_mb"],
+        metrics=metrics_option,
     log:
         f"logs/pre/{grid.PRE_STEM}.log",
     benchmark:
@@ -25,7 +26,7 @@ rule evaluate_unedited:
     shell:
         "python -m emsedit evaluate --model {params.model} --dataset {params.dataset}"
         " --n {wildcards.n} --edits {wildcards.edits} --seed {wildcards.seed} --order {input.order}"
-        " --threads {threads} --prefix-out {output.prefix} --prefix-max-mb {params.prefix_mb}"
+        " --threads {threads} --prefix-out {output.prefix} --prefix-max-mb {params.prefix_mb} {params.metrics}"
         " --out {output.pre} > {log} 2>&1"
 
 
