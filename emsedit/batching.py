@@ -168,6 +168,9 @@ def make_turn(
         requests=requests,
         **{kind: _collate(its, lm_batch_size, old_label_pad, sort_by) for kind, its in built.items()},
         sources={kind: _order(its, sort_by) for kind, its in built.items()},
+        owners={"edit": list(range(len(requests))),
+                "equiv": [i for i, r in enumerate(requests) for _ in pick(r.rephrases)],
+                "unrel": [i for i, r in enumerate(requests) for _ in pick(r.loc_prompts)]},
     )
 
 

@@ -107,7 +107,8 @@ class Turn:
     The three kinds are sorted independently, so the i-th edit and the i-th paraphrase need not
     belong to the same request: ``sources[kind][r]`` is where the r-th row of that kind (counted over
     its mini-batches in order) stands among that kind's tuples in request order (the requests'
-    prompts flattened; for edit tuples, the request's position in ``requests``).
+    prompts flattened; for edit tuples, the request's position in ``requests``), and
+    ``owners[kind][i]`` is the position in ``requests`` of the request whose tuple i is.
     """
 
     requests: list[EditRequest]
@@ -115,6 +116,14 @@ class Turn:
     equiv: list[MiniBatch] = field(default_factory=list)
     unrel: list[MiniBatch] = field(default_factory=list)
     sources: dict[str, list[int]] = field(default_factory=dict)
+    owners: dict[str, list[int]] = field(default_factory=dict)
+
+    def row_requests(self, kind: str) -> list[int] | None:
+        """The request (position in ``requests``) of each row of ``kind``, in mini-batch order;
+        None for a turn built without ``sources``/``owners``."""
+        if kind not in self.sources or kind not in self.owners:
+            return None
+        return [self.owners[kind][i] for i in self.sources[kind]]
 
 
 def json_type(value: Any) -> str:

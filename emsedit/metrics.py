@@ -181,18 +181,30 @@ def summarize(
     unrel_scores: Sequence[float],
     kind: Kind,
     quirks: MetricQuirks = OFFICIAL_QUIRKS,
+    owners: Mapping[str, Sequence[int]] | None = None,
+    n_requests: int = 0,
 ) -> dict[str, Any]:
     """Aggregate per-example scores into one metric set (the result record's ``metric_set``).
 
     Returns ``efficacy``, ``generalization``, ``specificity`` and ``average`` = (E+G+S)/3 in
     percent, the ``counts`` each averages, the ``protocol`` and the ``scorer`` (what specificity is
     compared against, and the quirk switches). A metric with no examples is reported as 0.0 with
-    count 0.
+    count 0. With ``owners`` (per kind ``edit``/``equiv``/``unrel``, the request of each score,
+    0..n_requests−1) it adds ``per_request``: per metric, each request's mean score in percent (None
+    for a request without examples of that kind), in request order.
     """
     _check_kind(kind)
     efficacy, generalization, specificity = (
         _percent(edit_scores), _percent(equiv_scores), _percent(unrel_scores)
     )
+    extra = {}
+    if owners is not None:
+        extra["per_request"] = {
+            metric: _per_request(values, owners[name], n_requests)
+            for metric, name, values in (("efficacy", "edit", edit_scores),
+                                         ("generalization", "equiv", equiv_scores),
+                                         ("specificity", "unrel", unrel_scores))
+        }
     return {
         "efficacy": efficacy,
         "generalization": generalization,
@@ -205,7 +217,19 @@ def summarize(
         },
         "protocol": PROTOCOLS[kind],
         "scorer": {"specificity": SPECIFICITY_SCORERS[kind], "quirks": quirks.as_dict()},
+        **extra,
     }
+
+
+def _per_request(values: Sequence[float], owners: Sequence[int], n_requests: int) -> list[float | None]:
+    """Each request's mean of its values, in percent (None without values)."""
+    if len(values) != len(owners):
+        raise ValueError(f"{len(values)} scores but {len(owners)} owners")
+    sums, counts = [0.0] * n_requests, [0] * n_requests
+    for value, owner in zip(values, owners):
+        sums[owner] += value
+        counts[owner] += 1
+    return [100.0 * s / c if c else None for s, c in zip(sums, counts)]
 
 
 def answer_argmax(logits: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
@@ -229,6 +253,7 @@ def evaluate_turns(
     *,
     progress: bool = True,
     locality_argmax: list[list[list[int]]] | None = None,
+    per_request: bool = True,
 ) -> dict[str, Any]:
     """Score a model on every mini-batch of the given turns and return :func:`summarize`'s dict.
 
@@ -236,6 +261,8 @@ def evaluate_turns(
     is restored afterwards). ``progress`` reports the batches scored (:mod:`emsedit.progress`).
     ``locality_argmax``, when given a list, receives one entry per turn: for every locality row (in
     mini-batch order, see ``Turn.sources``) the argmax token ids at its answer positions.
+    With ``per_request`` (and turns that know their rows' requests, ``Turn.row_requests``) the
+    metric set carries every request's scores, the requests numbered across the turns in order.
     """
     from emsedit.batching import passes
     from emsedit.models import answer_forward_many
@@ -263,4 +290,11 @@ def evaluate_turns(
             bar.close()
     finally:
         model.train(was_training)
-    return summarize(scores["edit"], scores["equiv"], scores["unrel"], kind, quirks)
+    owners = None
+    rows = {name: [turn.row_requests(name) for turn in turns] for name in scores}
+    if per_request and all(r is not None for per_turn in rows.values() for r in per_turn):
+        starts = [sum(len(turn.requests) for turn in turns[:t]) for t in range(len(turns))]
+        owners = {name: [start + r for start, per in zip(starts, per_turn) for r in per]
+                  for name, per_turn in rows.items()}
+    return summarize(scores["edit"], scores["equiv"], scores["unrel"], kind, quirks,
+                     owners=owners, n_requests=sum(len(turn.requests) for turn in turns))

@@ -333,7 +333,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
             if opts.curve:
                 with timer.phase("evaluate_curve"):
                     curve.append({"turn": t + 1, **evaluate_turns(model, eval_turns[:t + 1], plan.kind,
-                                                                  quirks, progress=False)})
+                                                                  quirks, progress=False, per_request=False)})
             save("edit", t + 1)
             bar.update()
     log.info("scoring the edited model")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 
 import pytest
@@ -264,9 +266,37 @@ def test_evaluate_turns_matches_batchwise_scores(quirks: MetricQuirks, pad: int)
     want = summarize(scores["edit"], scores["equiv"], scores["unrel"], "counterfact", quirks)
     numeric = ("efficacy", "generalization", "specificity", "average")
     assert {k: got[k] for k in numeric} == pytest.approx({k: want[k] for k in numeric})
-    assert {k: v for k, v in got.items() if k not in numeric} == {k: v for k, v in want.items() if k not in numeric}
+    skip = (*numeric, "per_request")  # per-request scores: the test below
+    assert {k: v for k, v in got.items() if k not in skip} == {k: v for k, v in want.items() if k not in skip}
     for key in numeric:
         assert 0.0 <= got[key] <= 100.0
+
+
+@pytest.mark.parametrize("kind", ["counterfact", "zsre"])
+def test_per_request_scores_are_each_requests_own(kind: str) -> None:
+    """Every request's score equals that request evaluated alone (its own one-request turn), in edit
+    order across turns; the aggregates are the means over the prompts behind them. (CounterFact with
+    the corrected metric: the official one cuts answers per mini-batch, so a request's score depends
+    on its mini-batch's neighbours.)"""
+    tok = gpt2_style_tokenizer()
+    model = tiny_gpt2(len(tok))
+    reqs = cf_requests(5)
+    quirks, pad = (CORRECTED_QUIRKS, -100) if kind == "counterfact" else (OFFICIAL_QUIRKS, 0)
+    if kind == "zsre":  # same prompts, no old answers
+        reqs = [dataclasses.replace(r, old_target=None, loc_old_answer=None) for r in reqs]
+    turns = [make_turn(reqs[:3], tok, split="eval", old_label_pad=pad),
+             make_turn(reqs[3:], tok, split="eval", old_label_pad=pad)]
+    got = evaluate_turns(model, turns, kind, quirks, progress=False)
+    alone = [evaluate_turns(model, [make_turn([r], tok, split="eval", old_label_pad=pad)], kind, quirks,
+                            progress=False) for r in reqs]
+    for metric in ("efficacy", "generalization", "specificity"):
+        assert got["per_request"][metric] == pytest.approx([a[metric] for a in alone]), metric
+        counts = {"efficacy": 1, "generalization": 2, "specificity": 3}[metric]  # prompts per request
+        assert got[metric] == pytest.approx(sum(got["per_request"][metric]) / len(reqs))
+        assert got["counts"][metric] == counts * len(reqs)
+    if kind == "counterfact":  # the random tiny model gets no zsRE token right; CounterFact's scores vary
+        assert sum(len(set(got["per_request"][m])) > 1 for m in ("efficacy", "generalization", "specificity")) >= 2, got["per_request"]
+    assert "per_request" not in evaluate_turns(model, turns, kind, quirks, progress=False, per_request=False)
 
 
 def test_evaluate_turns_zsre_oracle() -> None:
