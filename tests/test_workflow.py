@@ -28,9 +28,10 @@ sys.path.insert(0, str(FIXTURES))
 
 import aggregation  # noqa: E402
 import grid  # noqa: E402
+import paired_tests  # noqa: E402
 import seed_statistics  # noqa: E402
 import study_main  # noqa: E402
-from synthetic_records import write_records  # noqa: E402
+from synthetic_records import record, write_records  # noqa: E402
 
 TEST_CONFIG = ROOT / ".test" / "config.yaml"
 TABLE_NAMES = ["main", "msbp", "steps", "loss", "time_breakdown", "hypernetworks", "data_efficiency", "scaling"]
@@ -149,6 +150,12 @@ def test_msbp_control_columns_and_sub_tests():
                          + cells("rledit", "sequential", 1, "own", 20.0, 1) + cells("rledit", "sequential", 2, "own", 25.0, 1))
     frame["label"] = [aggregation.editor_label(e, s, l, i) for e, s, l, i in
                       zip(frame.editor, frame.steps, frame.loss, frame.iterations)]
+    frame["path"] = [f"{e}-{p}-S{s}-{i}-seed{seed}.json" for e, p, s, i, seed in
+                     zip(frame.editor, frame.protocol, frame.steps, frame.iterations, frame.seed)]
+    requests = pd.DataFrame([{"path": r.path, "seed": r.seed, "view": "teacher_forced", "metric": m, "position": k,
+                              "request": k, "pre": 10.0, "post": getattr(r, f"post_{m}") + k}
+                             for r in frame.itertuples() for m in aggregation.QUALITY for k in range(4)])
+    tests = paired_tests.Comparisons(requests, {"alpha": 0.05, "equivalence_margin": 2.0, "bootstrap_resamples": 200})
     assert aggregation.editor_label("malmen", 1, "kl", "S2") == "MALMEN (S=1, iterations of S=2)"
     ref = {"main": pd.DataFrame(columns=["protocol", "model", "dataset", "editor", "metric", "value"])}
     table = study_main.table_msbp(frame, ref, {}).set_index("pair")
@@ -157,9 +164,11 @@ def test_msbp_control_columns_and_sub_tests():
     assert table.loc["MALMEN → MALMEN²", "control"] == "control cells"
     assert table.loc["RLEdit → RLEdit²", "average_gain_over_control_mean"] == pytest.approx(5.0)
     assert table.loc["RLEdit → RLEdit²", "control"] == "same iterations as S=1"
-    subs, _ = study_main.claim_msbp(frame, ref, {}, {"alpha": 0.05})
+    subs, _ = study_main.claim_msbp(frame, ref, {}, tests)
     assert [s["test"] for s in subs if "Adam iterations" in s["test"]] == [
         "MALMEN² − MALMEN with MALMEN²'s Adam iterations, average, zsre/batch"]
+    assert {s["test"]: s["mean_diff"] for s in subs}["MALMEN² − MALMEN, average, zsre/batch"] == pytest.approx(10.0)
+    assert all(s["verdict"] == "holds" and s["requests"] == 12 for s in subs)
     # the main claim's baselines are the cells with their own iterations, never the control
     unequal = frame[~((frame.editor == "malmen") & (frame.iterations == "S2"))].copy()
     unequal.loc[unequal.editor == "rledit", "adam_iterations"] = [1, 1, 1, 2, 2, 2]
@@ -179,23 +188,72 @@ def test_paper_grid_uses_per_protocol_models():
     assert ("zsre-paper", "batch", 1, 16384) in main and ("counterfact-paper", "batch", 1, 8192) in main
 
 
-def test_paired_tests_and_intervals():
-    assert seed_statistics.one_sample_test([1.0], 0.05)["verdict"] == "inconclusive"
-    assert seed_statistics.one_sample_test([2.0, 2.1, 1.9, 2.05], 0.05)["verdict"] == "holds"
-    assert seed_statistics.one_sample_test([-2.0, -2.1, -1.9, -2.05], 0.05)["verdict"] == "does not hold"
-    assert seed_statistics.one_sample_test([3.0, -2.0, 1.0], 0.05)["verdict"] == "inconclusive"
-    assert seed_statistics.one_sample_test([1.5, 1.5], 0.05)["verdict"] == "holds"  # no spread, non-zero
-    assert seed_statistics.equivalence_test([0.1, -0.1, 0.05, 0.0], 0.05, 2.0)["verdict"] == "holds"
-    assert seed_statistics.equivalence_test([9.0, 9.1, 8.9, 9.05], 0.05, 2.0)["verdict"] == "does not hold"
+def test_seed_intervals_and_labels():
+    """The tables' t-intervals over seeds (the claims' tests: tests/test_claim_statistics.py)."""
     hw = seed_statistics.t_halfwidth([1.0, 2.0, 3.0])
     assert abs(hw - 4.302652729911275 * 1.0 / 3 ** 0.5) < 1e-9
-    assert seed_statistics.combine(["holds", "holds"]) == "holds"
-    assert seed_statistics.combine(["holds", "inconclusive"]) == "inconclusive"
-    assert seed_statistics.combine(["holds", "does not hold"]) == "does not hold"
+    assert seed_statistics.summarize([1.0, float("nan"), 3.0])["n"] == 2
     assert aggregation.editor_label("rledit", 2, "kl") == "RLEdit²"
     assert aggregation.editor_label("emsedit", 2, "kl") == "EMSEdit (KL)"
     assert aggregation.editor_label("emsedit", 3, "l2") == "EMSEdit (S=3)"
 
+
+
+def test_records_carry_per_request_scores_read_through_one_accessor():
+    """Synthetic records carry per-request scores whose mean is the aggregate; the aggregate step
+    reads them (aggregation.per_request, one table of views) into the long requests table."""
+    config = load(TEST_CONFIG)
+    cell = grid.unique_cells(grid.expand(config))[0]
+    rec = record(cell, config, 3.0)
+    for phase in ("pre", "post"):
+        for m in aggregation.QUALITY:
+            values = aggregation.per_request(rec, phase, m)
+            assert len(values) == cell.n == len(rec["edit_order"])
+            assert sum(values) / len(values) == pytest.approx(rec["metrics"][phase][m], abs=1e-3)
+    assert aggregation.per_request(rec, "post", "efficacy", "generated") is None  # no generated block
+    rows = aggregation.request_rows(rec, "x.json")
+    assert len(rows) == 3 * cell.n and {r["view"] for r in rows} == {"teacher_forced"}
+    assert [r["request"] for r in rows[:cell.n]] == rec["edit_order"]
+    rec["metrics"]["post"]["generated"] = {m: {"per_request": {"exact_match": [100.0] * cell.n}}
+                                           for m in aggregation.QUALITY}
+    rec["metrics"]["pre"]["generated"] = {m: {"per_request": {"exact_match": [None] * cell.n}}
+                                          for m in aggregation.QUALITY}
+    rows = aggregation.request_rows(rec, "x.json")
+    generated = [r for r in rows if r["view"] == "generated"]
+    assert len(generated) == 3 * cell.n and all(r["post"] == 100.0 and r["pre"] != r["pre"] for r in generated)
+
+
+def _strip_per_request(path: Path) -> None:
+    rec = json.loads(path.read_text())
+    for phase in ("pre", "post"):
+        rec["metrics"][phase].pop("per_request")
+    path.write_text(json.dumps(rec))
+
+
+def test_aggregate_refuses_records_without_per_request_scores(tmp_path):
+    """An older record (no per-request scores) is refused in one line naming every such file and the
+    command that regenerates it; the aggregate rule writes nothing."""
+    work = _workdir(tmp_path)
+    config = load(TEST_CONFIG)
+    written = write_records(TEST_CONFIG, work, noise=0.0)
+    old = sorted(written)[:2]
+    for path in old:
+        _strip_per_request(path)
+    membership = [{**row, "path": str(work / row["path"])} for row in grid.membership_records(grid.expand(config))]
+    schema = load(ROOT / "workflow" / "schemas" / "result.schema.yaml")
+    with pytest.raises(aggregation.RecordError) as err:
+        aggregation.aggregate_records(membership, schema, allow_mixed_code=True)
+    message = str(err.value)
+    assert "\n" not in message and f"--forcerun {old[0]} {old[1]}`" in message
+    assert "per-request" in message
+
+    res = snakemake("results/aggregate/cells.csv", "--directory", str(work), "--configfile", str(TEST_CONFIG),
+                    "--cores", "1", "--allowed-rules", "aggregate")
+    assert res.returncode != 0
+    log = (work / "logs" / "aggregate" / "cells.log").read_text()
+    assert log.startswith("error: 2 records have no per-request scores") and "--forcerun results/runs/" in log
+    assert not (work / "results" / "aggregate" / "cells.csv").exists()
+    assert not (work / "results" / "aggregate" / "requests.csv.gz").exists()
 
 
 def test_study_functions_are_found_and_a_missing_one_is_named(monkeypatch):
@@ -312,12 +370,17 @@ def _assert_artifacts(work: Path) -> None:
         assert pdf.startswith(b"%PDF"), name
     claims = (work / "results" / "claims.md").read_text()
     assert claims.startswith("# Claims of the paper")
+    # the one-screen summary comes first, then the details
+    summary = claims.index("| claim | variant | paper's evidence | ours (sub-tests, effects) | verdict | MDE |")
+    assert summary < claims.index("## ") and claims[:summary].count("\n") < 6
+    claims_html = (work / "results" / "claims.html").read_text()
+    assert claims_html.startswith("<!DOCTYPE html>") and "<th>verdict</th>" in claims_html
     for text in ("MSBP improves", "S = 2 backprop steps", "l2 norm constraint", "Step-specific", "needs less", "beats the baselines"):
         assert text in claims, text
     assert "Variant `faithful`" in claims and "Variant `trained`" in claims
     html = (work / "results" / "report.html").read_text(errors="replace")
     assert html.lstrip().lower().startswith("<!doctype html") or "<html" in html[:2000].lower()
-    assert "claims.md" in html and "main.png" in html
+    assert "claims.md" in html and "claims.html" in html and "main.png" in html
 
 
 def test_tables_figures_claims_report_from_synthetic_records(tmp_path):

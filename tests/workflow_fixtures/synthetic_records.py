@@ -4,7 +4,9 @@ Stands in for `python -m emsedit run` so the aggregation -> tables -> notebooks 
 path can be tested without models. The numbers follow a planted pattern (MSBP helps, S = 2 is best
 and S >= 3 costs specificity, l2 trains ~35 % faster than KL at the same quality, step-specific
 beats shared, EMSEdit is data-efficient and beats the baselines) plus seeded noise, so the claims
-have known answers.
+have known answers. Each metric carries per-request scores in edit order (``per_request``): a
+request's difficulty, shared by every cell on the same edit order (and its unedited scores), plus
+the cell's noise; the aggregate score is their mean, as in a real record.
 
 Usage: python tests/workflow_fixtures/synthetic_records.py CONFIG.yaml WORKDIR [--noise SD]
 """
@@ -28,8 +30,8 @@ BASE = {"emsedit": 78.0, "rledit": 66.0, "malmen": 60.0, "mend": 52.0, "ultraedi
 S1_BASE = {"emsedit": 70.0}  # EMSEdit with a single step
 
 
-def quality(cell: grid.Cell, rng: random.Random, noise: float) -> dict:
-    """Efficacy, generalization, specificity after editing, with the planted effects."""
+def quality(cell: grid.Cell) -> dict:
+    """Efficacy, generalization, specificity after editing, with the planted effects (noise-free)."""
     q = S1_BASE.get(cell.editor, BASE[cell.editor]) if cell.steps == 1 else BASE[cell.editor]
     if cell.editor != "emsedit" and cell.steps >= 2:
         q += 8.0  # MSBP helps baselines
@@ -43,13 +45,25 @@ def quality(cell: grid.Cell, rng: random.Random, noise: float) -> dict:
     if cell.variant != grid.FAITHFUL:
         q += 2.0
     spec = 55.0 - (7.0 * (cell.steps - 2) if cell.steps >= 3 else 0.0)
-    vals = {"efficacy": q + 10, "generalization": q, "specificity": spec}
-    return {k: min(100.0, max(0.0, v + rng.gauss(0, noise))) for k, v in vals.items()}
+    return {"efficacy": q + 10, "generalization": q, "specificity": spec}
 
 
-def metric_set(vals: dict, n: int, kind: str) -> dict:
-    out = {k: round(v, 4) for k, v in vals.items()}
-    out["average"] = round(sum(vals.values()) / 3, 4)
+def difficulty(cell: grid.Cell) -> dict:
+    """Per metric, each request's offset from the cell's score: fixed by the edit order (dataset,
+    model, size, seed), so every cell on that order (and its unedited evaluation) shares it."""
+    rng = random.Random(f"{cell.dataset}/{cell.model}/{cell.n}/{cell.seed}/requests")
+    return {m: [rng.uniform(-8.0, 8.0) for _ in range(cell.n)] for m in ("efficacy", "generalization", "specificity")}
+
+
+def per_request(vals: dict, offsets: dict, rng: random.Random, noise: float) -> dict:
+    """Per metric, the per-request scores in edit order: score + the request's offset + noise, in 0..100."""
+    return {m: [round(min(100.0, max(0.0, v + o + rng.gauss(0, noise))), 4) for o in offsets[m]] for m, v in vals.items()}
+
+
+def metric_set(per: dict, n: int, kind: str) -> dict:
+    out = {k: round(sum(v) / len(v), 4) for k, v in per.items()}  # the aggregate is the per-request mean
+    out["average"] = round(sum(out.values()) / 3, 4)
+    out["per_request"] = per
     out["counts"] = {"efficacy": n, "generalization": n, "specificity": n}
     out["protocol"] = "teacher_forced_token_acc" if kind == "zsre" else "prob_new_gt_old"
     out["scorer"] = {"specificity_against": "pre_edit_predictions", "quirks": []}
@@ -81,6 +95,7 @@ def record(cell: grid.Cell, config: dict, noise: float) -> dict:
     edit_order = order_rng.sample(range(10 * cell.n + 10), cell.n)
     # pre scores depend only on (dataset, model, n, seed): the shared unedited evaluation
     pre_rng = random.Random(f"{cell.dataset}/{cell.model}/{cell.n}/{cell.seed}")
+    offsets = difficulty(cell)
     return {
         "schema_version": 1,
         "kind": "run",
@@ -93,8 +108,8 @@ def record(cell: grid.Cell, config: dict, noise: float) -> dict:
         },
         "edit_order": edit_order,
         "train_order": list(range(cell.n)),
-        "metrics": {"pre": metric_set(pre_quality(cell, pre_rng), cell.n, kind),
-                    "post": metric_set(quality(cell, rng, noise), cell.n, kind)},
+        "metrics": {"pre": metric_set(per_request(pre_quality(cell, pre_rng), offsets, pre_rng, 0.0), cell.n, kind),
+                    "post": metric_set(per_request(quality(cell), offsets, rng, noise), cell.n, kind)},
         "training": {"optimizer_steps": 1, "skipped_nonfinite": 0, "train_turns": cell.train_turns},
         "timings": timings(cell, rng),
         "peak_rss_mb": round(600 + 3.0 * cell.edits + 0.5 * cell.n + rng.random(), 3),

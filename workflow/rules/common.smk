@@ -366,5 +366,5 @@ def final_outputs():
     for name in enabled_figures():
         outputs += [f"results/figures/{name}.{ext}" for ext in FIGURE_FORMATS]
     if CELLS:
-        outputs += ["results/claims.md", "results/claims.csv"]
+        outputs += ["results/claims.md", "results/claims.html", "results/claims.csv"]
     return outputs

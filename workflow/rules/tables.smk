@@ -1,5 +1,6 @@
-# Stage 4: validate and collect every record into one long table, then compute each artifact's
-# table (CSV, Markdown, LaTeX) with the paper's numbers beside ours.
+# Stage 4: validate and collect every record into two long tables (cells; per-request scores, which
+# the claims test), then compute each artifact's table (CSV, Markdown, LaTeX) with the paper's
+# numbers beside ours.
 
 
 rule aggregate:
@@ -9,7 +10,8 @@ rule aggregate:
         records=all_run_records(),
         schema=RESULT_SCHEMA,
     output:
-        "results/aggregate/cells.csv",
+        cells="results/aggregate/cells.csv",
+        requests="results/aggregate/requests.csv.gz",
     params:
         membership=membership_table(),
     log:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from emsedit.registry import REPO_CONFIG_DIR, workflow_declarations
-from studies import METRICS  # declared once, with the studies
+from studies import METRICS, QUALITY  # declared once, with the studies
 
 TIMING_KEYS = [
     "load_model", "train_cache", "train_predict_shift", "train_edit_loss", "train_locality_loss",
@@ -98,6 +98,10 @@ class RecordError(ValueError):
     """A result record that is malformed, non-finite, or not the cell its path names."""
 
 
+class NoPerRequestScores(RecordError):
+    """A record written before records carried per-request scores."""
+
+
 def _check_record(record: dict, cell: dict, path: str, validator) -> None:
     errors = sorted(validator.iter_errors(record), key=lambda e: list(e.absolute_path))
     if errors:
@@ -118,6 +122,54 @@ def _check_record(record: dict, cell: dict, path: str, validator) -> None:
             value = record["metrics"][phase][metric]
             if not math.isfinite(value):
                 raise RecordError(f"{path}: metrics.{phase}.{metric} is not finite")
+
+
+# --- per-request scores ---------------------------------------------------------------------------
+
+# Where each view's per-request scores sit in a record, under record["metrics"][phase]: view -> metric
+# -> the keys leading to a list of floats (percent, 0..100, null for a request with no prompt), one
+# per edit request in edit order. The one definition every reader goes through (:func:`per_request`);
+# a new view or metric is one entry here, e.g. "portability": ("portability", "per_request").
+PER_REQUEST_VIEWS: dict[str, dict[str, tuple[str, ...]]] = {
+    "teacher_forced": {m: ("per_request", m) for m in QUALITY},  # the official scores
+    "generated": {m: ("generated", m, "per_request", "exact_match") for m in QUALITY},  # greedy answers
+}
+REQUIRED_VIEW = "teacher_forced"  # records without it are refused (older than per-request scores)
+
+
+def per_request(record: dict, phase: str, metric: str, view: str = REQUIRED_VIEW) -> list[float] | None:
+    """The per-request scores of ``metric`` in ``view`` at ``phase`` (pre/post), NaN for a request
+    with none, or None when the record lacks them."""
+    node = record["metrics"].get(phase)
+    for key in PER_REQUEST_VIEWS[view][metric]:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    if not isinstance(node, list):
+        return None
+    return [float("nan") if v is None else float(v) for v in node]
+
+
+def request_rows(record: dict, path: str) -> list[dict]:
+    """One row per (view, metric, edit request) of a run record: its pre and post score. The
+    required view must be there with one value per edited request; other views when present."""
+    order = record.get("edit_order") or []
+    rows = []
+    for view, metrics in PER_REQUEST_VIEWS.items():
+        for metric in metrics:
+            pre, post = per_request(record, "pre", metric, view), per_request(record, "post", metric, view)
+            if pre is None or post is None:
+                if view != REQUIRED_VIEW:
+                    continue
+                missing = ".".join(("metrics", "pre" if pre is None else "post", *PER_REQUEST_VIEWS[view][metric]))
+                raise NoPerRequestScores(f"{path}: no {missing}")
+            if not (len(pre) == len(post) == len(order)):
+                raise RecordError(f"{path}: {view} {metric} has {len(pre)} pre and {len(post)} post per-request "
+                                  f"scores for {len(order)} edited requests")
+            rows += [{"path": path, "seed": record["config"]["seed"], "view": view, "metric": metric,
+                      "position": i, "request": r, "pre": a, "post": b}
+                     for i, (r, a, b) in enumerate(zip(order, pre, post))]
+    return rows
 
 
 def flatten_record(record: dict) -> dict:
@@ -156,9 +208,20 @@ def check_one_code(digests: dict[str, str | None], current: str) -> None:
         f"--forcerun {' '.join(stale)}`, or set `allow_mixed_code: true` in the config to aggregate them as they are")
 
 
+REQUEST_COLUMNS = ["path", "seed", "view", "metric", "position", "request", "pre", "post"]
+
+
 def aggregate(membership: Iterable[dict], schema: dict, *, allow_mixed_code: bool = False) -> pd.DataFrame:
+    """The ``cells`` frame of :func:`aggregate_records`."""
+    return aggregate_records(membership, schema, allow_mixed_code=allow_mixed_code)[0]
+
+
+def aggregate_records(membership: Iterable[dict], schema: dict, *,
+                      allow_mixed_code: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read, validate and flatten every record named by the membership rows; unless
-    ``allow_mixed_code``, they must all come from one library code (:func:`check_one_code`)."""
+    ``allow_mixed_code``, they must all come from one library code (:func:`check_one_code`).
+    Returns ``cells`` (one row per membership row) and ``requests`` (one row per record, view,
+    metric and edit request: :func:`request_rows`, keyed by the record's ``path``)."""
     import jsonschema
 
     from emsedit.records import code_digest
@@ -166,7 +229,7 @@ def aggregate(membership: Iterable[dict], schema: dict, *, allow_mixed_code: boo
     validator = jsonschema.Draft202012Validator(schema)
     cache: dict[str, dict] = {}
     digests: dict[str, str | None] = {}
-    rows = []
+    rows, requests, unscored = [], [], []
     for cell in membership:
         path = cell["path"]
         if path not in cache:
@@ -174,8 +237,17 @@ def aggregate(membership: Iterable[dict], schema: dict, *, allow_mixed_code: boo
                 record = json.load(fh)
             _check_record(record, cell, path, validator)
             cache[path] = flatten_record(record)
+            try:
+                requests += request_rows(record, path)
+            except NoPerRequestScores:
+                unscored.append(path)
             digests[path] = record.get("code_digest")
         rows.append({**cell, **cache[path]})
+    if unscored:  # the claims test request by request: refuse, naming every such file and the rerun
+        raise NoPerRequestScores(
+            f"{len(unscored)} records have no per-request scores (metrics.pre/post.per_request; written "
+            f"before records carried them): {', '.join(unscored)}; regenerate them with "
+            f"`snakemake <your usual options> --forcerun {' '.join(unscored)}`")
     if not allow_mixed_code:
         check_one_code(digests, code_digest())
     frame = pd.DataFrame(rows)
@@ -184,7 +256,7 @@ def aggregate(membership: Iterable[dict], schema: dict, *, allow_mixed_code: boo
             frame["iterations"] = OWN
         frame["label"] = [editor_label(e, int(s), l, i) for e, s, l, i in
                           zip(frame.editor, frame.steps, frame.loss, frame.iterations)]
-    return frame
+    return frame, pd.DataFrame(requests, columns=REQUEST_COLUMNS)
 
 
 # --- frame helpers --------------------------------------------------------------------------------

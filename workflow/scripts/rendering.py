@@ -1,13 +1,16 @@
 """Writing the results: a table as CSV, Markdown and LaTeX (ours as 'mean ± 95% CI'), and the
-claims' sub-tests as CSV rows and a Markdown report."""
+claims' sub-tests as CSV rows and a report (Markdown, and the same as HTML for the Snakemake report)."""
 
 from __future__ import annotations
+
+import html
+import re
 
 import numpy as np
 import pandas as pd
 
 import studies
-from seed_statistics import combine
+from paired_tests import HOLDS, INCONCLUSIVE, POWER, Comparisons, combine
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -62,46 +65,146 @@ def write_table(table: pd.DataFrame, csv: str, md: str, tex: str, title: str, no
 
 # --- claims ---------------------------------------------------------------------------------------
 
+# A report is a list of blocks, rendered once as Markdown and once as HTML (the same content):
+# ("h1" | "h2" | "h3" | "p", text) or ("table", header, rows); text may hold **bold** and `code`.
 
-def evaluate_claims(cells: pd.DataFrame, ref: dict, paper: dict, opts: dict) -> tuple[pd.DataFrame, str]:
-    """Every claim's sub-tests (CSV rows) and the Markdown report."""
-    rows, lines = [], []
-    alpha, margin = opts["alpha"], opts["equivalence_margin"]
+
+def _signed(x, digits=2) -> str:
+    return "" if pd.isna(x) else f"{x:+.{digits}f}"
+
+
+def _brief(items: list[str], limit: int = 110) -> str:
+    text = "; ".join(items) or "none found"
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _ranges(subs: list[dict], column: str, show, dash: str) -> str:
+    """Per unit, the range of a column over sub-tests ("+1.00 … +3.00 points, 35.00 %")."""
+    parts = []
+    for unit in dict.fromkeys(s["unit"] for s in subs):
+        vals = [s[column] for s in subs if s["unit"] == unit and pd.notna(s[column])]
+        if vals:
+            lo, hi = show(min(vals)), show(max(vals))
+            parts.append(f"{lo} {unit}" if lo == hi else f"{lo}{dash}{hi} {unit}")
+    return ", ".join(parts)
+
+
+def _ours(subs: list[dict]) -> str:
+    """A claim's effects in a line: how many sub-tests hold, and the range of effects per unit."""
+    held = f"{sum(s['verdict'] == HOLDS for s in subs)}/{len(subs)} hold"
+    effects = _ranges(subs, "mean_diff", _signed, " … ")
+    return f"{held}; {effects}" if effects else held
+
+
+def _mde_range(subs: list[dict]) -> str:
+    return _ranges(subs, "mde", fmt, "–")
+
+
+def _claim_verdict_text(verdict: str, subs: list[dict]) -> str:
+    """The claim's verdict; an inconclusive one names the largest MDE among its inconclusive sub-tests."""
+    if verdict != INCONCLUSIVE:
+        return verdict
+    pending = [s for s in subs if s["verdict"] == INCONCLUSIVE and pd.notna(s["mde"])]
+    if not pending:
+        return verdict
+    worst = max(pending, key=lambda s: s["mde"])
+    return f"inconclusive (MDE {fmt(worst['mde'])} {worst['unit']})"
+
+
+def claims_report(cells: pd.DataFrame, requests: pd.DataFrame, ref: dict, paper: dict,
+                  opts: dict) -> tuple[pd.DataFrame, list]:
+    """Every claim's sub-tests (CSV rows) and the report's blocks: the one-screen summary, then the
+    details per claim and variant."""
+    tests = Comparisons(requests, opts)
+    alpha, margin = tests.alpha, tests.margin
+    level = f"{100 * (1 - 2 * alpha):g}%"
     variants = sorted(set(cells.variant_label)) if len(cells) else []
-    lines += [
-        "# Claims of the paper, tested at this scale", "",
-        "Each claim is split into sub-tests. A sub-test compares two settings on the same seeds (a seed fixes "
-        "the edit order) with a two-sided one-sample t-test on the per-seed differences "
-        f"(scipy.stats.ttest_1samp, α = {alpha}): **holds** when the difference is significant in the claimed "
-        "direction, **does not hold** when it is significant against it, **inconclusive** when it is not "
-        "significant or there are fewer than 2 seeds. \"Similar quality\" is a two one-sided tests (TOST) "
-        f"equivalence test with margin ±{margin} points. A claim holds when all its sub-tests hold, does not hold "
-        "when any does not, and is inconclusive otherwise; verdicts are given per variant.", "",
-        "Variants: " + ", ".join(f"`{v}`" for v in variants) + ".", "",
-        "| claim | " + " | ".join(variants) + " |", "| --- | " + " | ".join("---" for _ in variants) + " |",
-    ]
-    sections, summary = [], []
+    rows, summary, details = [], [], []
     claim_functions = studies.functions("claim")
     for cid, (claim_study, text) in studies.CLAIMS.items():
         if claim_study not in set(cells.study):
             continue
-        subs, evidence = claim_functions[cid](cells, ref, paper, opts)
-        verdicts = {v: combine(s["verdict"] for s in subs if s["variant"] == v) for v in variants}
-        summary.append(f"| {text} | " + " | ".join(verdicts[v] for v in variants) + " |")
-        for s in subs:
-            rows.append({"claim": cid, **s, "claim_verdict": verdicts[s["variant"]]})
-        sec = [f"## {text}", "", "**Paper's evidence** (resources/reference): " + ("; ".join(evidence) or "none found") + ".", ""]
+        subs, evidence = claim_functions[cid](cells, ref, paper, tests)
+        details += [("h2", text), ("p", "**Paper's evidence** (resources/reference): "
+                                  + ("; ".join(evidence) or "none found") + ".")]
         for v in variants:
             vs = [s for s in subs if s["variant"] == v]
-            sec += [f"### Variant `{v}`: **{verdicts[v]}**", ""]
-            if not vs:
-                sec += ["_no cells for this claim in this variant_", ""]
+            verdict = combine(s["verdict"] for s in vs)
+            shown = _claim_verdict_text(verdict, vs)
+            if not vs:  # not run in this variant: no summary row, a line in the details
+                details += [("h3", f"Variant `{v}`: not run"), ("p", "_no cells for this claim in this variant_")]
                 continue
-            sec += ["| sub-test | seeds | mean difference ± 95% CI | p | verdict |", "| --- | --- | --- | --- | --- |"]
-            for s in vs:
-                ci = f" ± {fmt(s['ci95'])}" if pd.notna(s["ci95"]) else ""
-                sec.append(f"| {s['test']} | {s['n']} | {fmt(s['mean_diff'])}{ci} | {fmt(s['p'], 4)} | {s['verdict']} ({s['why']}) |")
-            sec.append("")
-        sections += sec
-    lines += summary + [""] + sections
-    return pd.DataFrame(rows), "\n".join(lines) + "\n"
+            rows += [{"claim": cid, **s, "claim_verdict": verdict} for s in vs]
+            summary.append([text, f"`{v}`", _brief(evidence), _ours(vs), f"**{shown}**", _mde_range(vs)])
+            details.append(("h3", f"Variant `{v}`: **{shown}**"))
+            details.append(("table", ["sub-test", "seeds", "requests", f"effect [{level} interval]", "MDE", "p",
+                                      "per-seed effects", "verdict"],
+                            [[s["test"], str(s["n"]), str(s["requests"] or "—"),
+                              f"{_signed(s['mean_diff'])} [{_signed(s['lo'])}, {_signed(s['hi'])}] {s['unit']}",
+                              f"{fmt(s['mde'])} {s['unit']}", fmt(s["p"], 4), s["seed_means"],
+                              f"{s['verdict_text']} ({s['why']})"] for s in vs]))
+    blocks = [
+        ("h1", "Claims of the paper, tested at this scale"),
+        ("p", f"Each claim is split into sub-tests, each comparing two settings on the same seeds (a seed fixes "
+              f"the edit order, so both edited the same requests) request by request, on the "
+              f"`{tests.view}` per-request scores: the effect is the mean over seeds of the mean per-request "
+              f"difference, its {level} interval a two-stage bootstrap (seeds, then requests within each seed; "
+              f"{tests.n_boot} resamples, seed {tests.seed}). A claimed gain **holds** when the interval lies "
+              f"above 0 (one-sided, α = {alpha:g}) and is **contradicted** when it lies below 0 or inside "
+              f"±{margin:g} points (equivalent: no gain); \"similar quality\" holds when the interval lies inside "
+              f"±{margin:g} points. Otherwise the verdict is **inconclusive**, with the minimum detectable effect "
+              f"(MDE: the effect this comparison would detect with {100 * POWER:g} % power). A comparison where no "
+              f"edit changed any per-request score, in either cell, reads **edits had no effect**. A claim "
+              f"holds when all its sub-tests hold and is contradicted when any is. Training time is measured "
+              f"once per cell: a one-sided t-test over seeds. Method, formulas and limits: `docs/statistics.md`."),
+        ("table", ["claim", "variant", "paper's evidence", "ours (sub-tests, effects)", "verdict", "MDE"], summary),
+        *details,
+    ]
+    return pd.DataFrame(rows), blocks
+
+
+def _inline_md_to_html(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    return re.sub(r"(?<![\w*])_(.+?)_(?![\w*])", r"<em>\1</em>", text)
+
+
+def blocks_to_markdown(blocks: list) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind == "table":
+            header, rows = rest
+            cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+            out += ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+            out += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows] + [""]
+        else:
+            prefix = {"h1": "# ", "h2": "## ", "h3": "### ", "p": ""}[kind]
+            out += [prefix + rest[0], ""]
+    return "\n".join(out)
+
+
+def blocks_to_html(blocks: list, title: str) -> str:
+    out = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif;margin:1.5em;max-width:80em}table{border-collapse:collapse;"
+           "margin-bottom:1em}td,th{border:1px solid #ccc;padding:.25em .5em;vertical-align:top;text-align:left}"
+           "th{background:#f3f3f3}code{background:#f6f6f6}</style>", "</head><body>"]
+    for kind, *rest in blocks:
+        if kind == "table":
+            header, rows = rest
+            out.append("<table><thead><tr>" + "".join(f"<th>{_inline_md_to_html(h)}</th>" for h in header)
+                       + "</tr></thead><tbody>")
+            out += ["<tr>" + "".join(f"<td>{_inline_md_to_html(str(x))}</td>" for x in r) + "</tr>" for r in rows]
+            out.append("</tbody></table>")
+        else:
+            tag = kind
+            out.append(f"<{tag}>{_inline_md_to_html(rest[0])}</{tag}>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def evaluate_claims(cells: pd.DataFrame, requests: pd.DataFrame, ref: dict, paper: dict,
+                    opts: dict) -> tuple[pd.DataFrame, str, str]:
+    """Every claim's sub-tests (CSV rows), and the report as Markdown and as HTML."""
+    rows, blocks = claims_report(cells, requests, ref, paper, opts)
+    return rows, blocks_to_markdown(blocks), blocks_to_html(blocks, "Claims of the paper, tested at this scale")

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from aggregation import editor_decl, paper_model, study
-from seed_statistics import one_sample_test, paired_diffs, subtest, summarize_groups
+from paired_tests import subtest
+from seed_statistics import summarize_groups
 from studies import METRICS, QUALITY
 
 
@@ -35,7 +36,7 @@ def table_data_efficiency(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.Dat
     return out.sort_values(["source", "variant_label", "protocol", "label", "train_amount"], kind="stable")[keep + cols].reset_index(drop=True)
 
 
-def claim_data_efficiency(cells, ref, paper, opts):
+def claim_data_efficiency(cells, ref, paper, tests):
     subs, evidence = [], []
     frame = study(cells, "data_efficiency")
     frame = frame.assign(train_amount=pd.to_numeric(frame.train_turns, errors="coerce"))
@@ -46,7 +47,7 @@ def claim_data_efficiency(cells, ref, paper, opts):
             continue
         for editor, b in base.groupby("editor"):
             lo, hi = ems.train_amount.min(), b.train_amount.max()
-            t = one_sample_test(paired_diffs(ems[ems.train_amount == lo], b[b.train_amount == hi], "post_average"), opts["alpha"])
+            t = tests.gain(ems[ems.train_amount == lo], b[b.train_amount == hi], "average")
             name = editor_decl(editor).label
             subs.append(subtest(key[0], f"EMSEdit at {int(lo)} train turns − {name} at {int(hi)}, average, {key[1]}/{key[3]}", t))
     de = ref["data_efficiency"]

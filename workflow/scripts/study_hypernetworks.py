@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from aggregation import setting, study
-from seed_statistics import one_sample_test, paired_diffs, subtest, summarize_groups
+from paired_tests import subtest
+from seed_statistics import summarize_groups
 from studies import METRICS
 
 
@@ -21,7 +22,7 @@ def table_hypernetworks(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataF
     return out[keep + cols].reset_index(drop=True)
 
 
-def claim_hypernetworks(cells, ref, paper, opts):
+def claim_hypernetworks(cells, ref, paper, tests):
     subs = []
     frame = study(cells, "hypernetworks")
     frame = frame[frame.protocol == "sequential"]
@@ -30,6 +31,6 @@ def claim_hypernetworks(cells, ref, paper, opts):
         k = dict(zip(keys, key))
         per, shared = group[group.hypernetworks == "per_step"], group[group.hypernetworks == "shared"]
         if len(per) and len(shared):
-            t = one_sample_test(paired_diffs(per, shared, "post_average"), opts["alpha"])
+            t = tests.gain(per, shared, "average")
             subs.append(subtest(k["variant_label"], f"per-step − shared, average, {k['dataset']}/sequential", t))
     return subs, ["not found in the paper's sources (method spec §10.6)"]

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 
 from aggregation import paper_model, setting, study
-from seed_statistics import equivalence_test, one_sample_test, paired_diffs, subtest, summarize, summarize_groups
+from paired_tests import subtest
+from seed_statistics import summarize, summarize_groups
 from studies import METRICS
 
 
@@ -87,23 +88,23 @@ def table_time_breakdown(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def claim_loss(cells, ref, paper, opts):
+def claim_loss(cells, ref, paper, tests):
     subs, evidence = [], []
-    lo, hi = opts["time_reduction_band"]
+    lo, hi = tests.opts["time_reduction_band"]
     for keys, l2, kl in loss_pairs(cells):
         where = f"{keys['dataset']}/{keys['protocol']}"
         ratio = l2.set_index("seed")["t_train_total"] / kl.set_index("seed")["t_train_total"]
         reduction = 100.0 * (1.0 - ratio.dropna())
-        t = one_sample_test(reduction, opts["alpha"])
-        s = summarize(reduction)
-        if s["n"] >= 2 and pd.notna(s["ci95"]):
-            low, high = s["mean"] - s["ci95"], s["mean"] + s["ci95"]
+        t = tests.seed_gain(reduction, unit="%")
+        low, high = t["lo"], t["hi"]
+        if pd.notna(low) and pd.notna(high):
             band = "overlaps" if (low <= hi and high >= lo) else ("below" if high < lo else "above")
         else:
             band = "n/a"
-        subs.append(subtest(keys["variant_label"], f"training-time cut of l2 vs KL, % ({where}; 95% CI {band} the paper's {lo}–{hi} %)", t))
-        q = equivalence_test(paired_diffs(l2, kl, "post_average"), opts["alpha"], opts["equivalence_margin"])
-        subs.append(subtest(keys["variant_label"], f"average l2 − KL within ±{opts['equivalence_margin']} ({where})", q))
+        subs.append(subtest(keys["variant_label"], f"training-time cut of l2 vs KL, % ({where}; interval {band} the "
+                                                   f"paper's {lo}–{hi} %)", t))
+        q = tests.similar(l2, kl, "average")
+        subs.append(subtest(keys["variant_label"], f"average l2 − KL within ±{tests.margin:g} ({where})", q))
     pie = ref["time_breakdown"]
     kl_share = pie[pie.component.str.startswith("Compute L_loc")]
     evidence.append("KL locality takes " + ", ".join(f"{r.percent_of_training_time} % ({r.protocol})" for r in kl_share.itertuples())

@@ -8,7 +8,8 @@ import pandas as pd
 
 from aggregation import (OWN, control_for, editor_decl, editor_label, own, paper_dataset, paper_model, paper_value,
                          setting, study)
-from seed_statistics import one_sample_test, paired_diffs, subtest, summarize, summarize_groups
+from paired_tests import subtest
+from seed_statistics import paired_diffs, summarize, summarize_groups
 from studies import METRICS
 
 
@@ -44,7 +45,7 @@ def _ref_avg(ref, paper, model, dataset, protocol, editor):
                         dataset=paper_dataset(dataset, paper), editor=editor, metric="average")
 
 
-def claim_main(cells, ref, paper, opts):
+def claim_main(cells, ref, paper, tests):
     subs, evidence = [], []
     frame = study(cells, "main")
     for key, group in frame.groupby(["variant_label", "dataset", "model", "protocol"], sort=False):
@@ -53,7 +54,7 @@ def claim_main(cells, ref, paper, opts):
             continue
         base = own(group)
         for (editor, steps), b in base[(base.editor != "emsedit") & (base.steps == 1)].groupby(["editor", "steps"]):
-            t = one_sample_test(paired_diffs(ems, b, "post_average"), opts["alpha"])
+            t = tests.gain(ems, b, "average")
             name = editor_decl(editor).label
             subs.append(subtest(key[0], f"EMSEdit − {name}, average, {key[1]}/{key[3]}", t))
             p = _ref_avg(ref, paper, key[2], key[1], key[3], "EMSEdit") - _ref_avg(ref, paper, key[2], key[1], key[3], name)
@@ -102,15 +103,15 @@ def table_msbp(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def claim_msbp(cells, ref, paper, opts):
+def claim_msbp(cells, ref, paper, tests):
     subs, evidence = [], []
     for keys, s1, s2, control, kind in msbp_pairs(cells):
         base = editor_label(keys["editor"], 1, keys["loss"])
-        t = one_sample_test(paired_diffs(s2, s1, "post_average"), opts["alpha"])
+        t = tests.gain(s2, s1, "average")
         where = f"{keys['dataset']}/{keys['protocol']}"
         subs.append(subtest(keys["variant_label"], f"{base}² − {base}, average, {where}", t))
         if kind == "control cells":  # MSBP beyond the extra Adam iterations it brings (quirk 22)
-            t = one_sample_test(paired_diffs(s2, control, "post_average"), opts["alpha"])
+            t = tests.gain(s2, control, "average")
             subs.append(subtest(keys["variant_label"],
                                  f"{base}² − {base} with {base}²'s Adam iterations, average, {where}", t))
         p = _ref_avg(ref, paper, keys["model"], keys["dataset"], keys["protocol"], base + "²") - \

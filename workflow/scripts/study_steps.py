@@ -7,7 +7,8 @@ import pandas as pd
 
 from aggregation import OWN, control_for, editor_decl, own, paper_model, paper_value, setting, study
 from rendering import fmt
-from seed_statistics import one_sample_test, paired_diffs, subtest, summarize_groups
+from paired_tests import subtest
+from seed_statistics import summarize_groups
 from studies import METRICS, QUALITY
 
 
@@ -41,7 +42,7 @@ def table_steps(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
                            na_position="first")[keep + cols].reset_index(drop=True)
 
 
-def claim_steps(cells, ref, paper, opts):
+def claim_steps(cells, ref, paper, tests):
     subs, evidence = [], []
     frame = study(cells, "steps")
     keys = ["variant_label", "dataset", "model", "protocol", "editor", "loss", "hypernetworks", "turns", "edits", "train_turns"]
@@ -55,16 +56,16 @@ def claim_steps(cells, ref, paper, opts):
         where = f"{name}, {k['dataset']}/{k['protocol']}"
         for s in sorted(set(mine.steps) - {2}):
             other = mine[mine.steps == s]
-            t = one_sample_test(paired_diffs(s2, other, "post_average"), opts["alpha"])
+            t = tests.gain(s2, other, "average")
             subs.append(subtest(k["variant_label"], f"S=2 − S={s}, average, {where}", t))
             if s >= 3:
-                t = one_sample_test(paired_diffs(s2, other, "post_specificity"), opts["alpha"])
+                t = tests.gain(s2, other, "specificity")
                 subs.append(subtest(k["variant_label"], f"S=2 − S={s}, specificity, {where}", t))
         # S = 2 against S = 1 trained with S = 2's Adam iterations: the gain MSBP keeps once the
         # number of optimiser iterations is matched
         control, kind = control_for(group, mine[mine.steps == 1], s2, 2)
         if kind == "control cells":
-            t = one_sample_test(paired_diffs(s2, control, "post_average"), opts["alpha"])
+            t = tests.gain(s2, control, "average")
             subs.append(subtest(k["variant_label"], f"S=2 − S=1 with S=2's Adam iterations, average, {where}", t))
         if k["editor"] == PAPER_STEPS_FAMILY.get(k["protocol"]):
             pm = paper_model(k["model"], paper)
