@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE.parent / "workflow" / "scripts"))
 import studies  # noqa: E402  (each figure's tables, and the metrics every figure reports)
 
 METRICS = studies.METRICS
+GENERATED_PREFIX, VIEWS, NO_GENERATED = studies.GENERATED_PREFIX, studies.VIEWS, studies.NO_GENERATED  # metric views
 
 
 def setup(name: str, snakemake=None):

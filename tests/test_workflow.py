@@ -35,7 +35,7 @@ from synthetic_records import record, write_records  # noqa: E402
 
 TEST_CONFIG = ROOT / ".test" / "config.yaml"
 TABLE_NAMES = ["main", "msbp", "steps", "loss", "time_breakdown", "hypernetworks", "data_efficiency", "scaling"]
-FIGURE_NAMES = ["main", "msbp", "steps", "loss", "hypernetworks", "data_efficiency", "scaling"]
+FIGURE_NAMES = ["main", "msbp", "efficacy_views", "steps", "loss", "hypernetworks", "data_efficiency", "scaling"]
 DOWNSTREAM_RULES = ["aggregate", "tables", "claims", "figure"]
 
 
@@ -204,7 +204,7 @@ def test_seed_intervals_and_labels():
 def test_records_carry_per_request_scores_read_through_one_accessor():
     """Synthetic records carry per-request scores whose mean is the aggregate; the aggregate step
     reads them (aggregation.per_request, one table of views) into the long requests table."""
-    config = load(TEST_CONFIG)
+    config = {**load(TEST_CONFIG), "eval_metrics": ["teacher_forced"]}  # records without the generated view
     cell = grid.unique_cells(grid.expand(config))[0]
     rec = record(cell, config, 3.0)
     for phase in ("pre", "post"):
@@ -373,10 +373,12 @@ def _assert_artifacts(work: Path) -> None:
     claims = (work / "results" / "claims.md").read_text()
     assert claims.startswith("# Claims of the paper")
     # the one-screen summary comes first, then the details
-    summary = claims.index("| claim | variant | paper's evidence | ours (sub-tests, effects) | verdict | MDE |")
+    summary = claims.index("| claim | variant | paper's evidence | ours, teacher-forced (sub-tests, effects) | "
+                           "verdict, teacher-forced | MDE, teacher-forced | ours, generated (sub-tests, effects) | "
+                           "verdict, generated | MDE, generated | views |")
     assert summary < claims.index("## ") and claims[:summary].count("\n") < 6
     claims_html = (work / "results" / "claims.html").read_text()
-    assert claims_html.startswith("<!DOCTYPE html>") and "<th>verdict</th>" in claims_html
+    assert claims_html.startswith("<!DOCTYPE html>") and "<th>verdict, generated</th>" in claims_html
     for text in ("MSBP improves", "S = 2 backprop steps", "l2 norm constraint", "Step-specific", "needs less", "beats the baselines"):
         assert text in claims, text
     assert "Variant `faithful`" in claims and "Variant `trained`" in claims
@@ -405,9 +407,32 @@ def test_tables_figures_claims_report_from_synthetic_records(tmp_path):
     # the planted effects come out as 'holds' for every claim (noise-free records, 2 seeds)
     verdicts = {}
     for row in csv.DictReader(open(work / "results" / "claims.csv")):
-        verdicts[(row["claim"], row["variant"])] = row["claim_verdict"]
-    assert {c for c, _ in verdicts} == {"msbp", "steps", "loss", "hypernetworks", "data_efficiency", "main"}
-    assert all(v == "holds" for (c, variant), v in verdicts.items() if variant == "faithful"), verdicts
+        verdicts[(row["claim"], row["variant"], row["view"])] = row["claim_verdict"]
+    assert {c for c, _, _ in verdicts} == {"msbp", "steps", "loss", "hypernetworks", "data_efficiency", "main"}
+    assert {v for _, _, v in verdicts} == {"teacher_forced", "generated"}  # every claim on both views
+    assert {c for c, _, v in verdicts if v == "generated"} == {c for c, _, _ in verdicts}
+    assert all(v == "holds" for (c, variant, view), v in verdicts.items()
+               if variant == "faithful" and view == "teacher_forced"), verdicts
+    # the generated view's 0/100 answers lose small planted effects (per-step vs shared hypernetworks:
+    # +4 points teacher-forced, equal exact match): the summary marks it and the details say so
+    assert verdicts[("hypernetworks", "faithful", "generated")] != "holds"
+    claims = (work / "results" / "claims.md").read_text()
+    assert "| **holds on teacher-forced only** |" in claims
+    assert "**The views disagree** (holds on teacher-forced only): **holds** on the teacher-forced scores" in claims
+    assert "On the **generated** per-request scores:" in claims
+
+    # every quality table: the teacher-forced block (with portability and locality), then the generated one
+    for name in ("main", "msbp", "steps", "loss", "hypernetworks", "data_efficiency"):
+        md = (work / "results" / "tables" / f"{name}.md").read_text()
+        assert md.index("## Teacher-forced view") < md.index("## Generated view (greedy answers"), name
+        header = next(csv.reader(open(work / "results" / "tables" / f"{name}.csv")))
+        assert any(h.startswith("generated_efficacy") for h in header), name
+    main_csv = list(csv.DictReader(open(work / "results" / "tables" / "main.csv")))
+    zsre = [r for r in main_csv if r["dataset"] == "tiny-zsre" and r["label"] == "EMSEdit"]
+    cf = [r for r in main_csv if r["dataset"] == "tiny-counterfact" and r["label"] == "EMSEdit"]
+    assert all(float(r["portability_mean"]) > 0 and float(r["locality_mean"]) > 0 for r in zsre)
+    assert all(r["portability_mean"] == "" and r["generated_efficacy_mean"] != "" for r in cf)  # null: no data
+    assert "generated_efficacy_paper" not in main_csv[0]  # the paper's numbers sit beside teacher-forced only
 
     # the main table carries the paper's numbers beside ours
     main = list(csv.DictReader(open(work / "results" / "tables" / "main.csv")))
@@ -417,6 +442,70 @@ def test_tables_figures_claims_report_from_synthetic_records(tmp_path):
     # a finished workflow has nothing left to do
     res = snakemake(*args, "--allowed-rules", *DOWNSTREAM_RULES, "-n", "all")
     assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_tables_claims_and_figure_without_generated_scores(tmp_path):
+    """Records without the generated view (config eval_metrics: [teacher_forced]): the tables and the
+    claims show the teacher-forced view only and say so once; a null score (portability, count 0)
+    shows as "—"; the efficacy-views notebook still draws its figure."""
+    import types
+
+    import matplotlib
+    import pandas as pd
+
+    import rendering
+    import studies
+
+    matplotlib.use("Agg")
+    config = load(TEST_CONFIG)
+    for spec in config["studies"].values():
+        spec.pop("seeds", None)
+    config["eval_metrics"] = ["teacher_forced"]
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    write_records(config_path, tmp_path, noise=0.0)
+    membership = [{**row, "path": str(tmp_path / row["path"])} for row in grid.membership_records(grid.expand(config))]
+    schema = load(ROOT / "workflow" / "schemas" / "result.schema.yaml")
+    cells, requests = aggregation.aggregate_records(membership, schema, allow_mixed_code=True)
+    assert set(requests["view"]) == {"teacher_forced"}
+    assert not any(c.startswith("post_generated") for c in cells) and "post_portability" in cells
+    ref = aggregation.load_reference(ROOT / "resources" / "reference")
+    paper = load(ROOT / "config" / "config.yaml")["paper"]
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for name, function in studies.functions("table").items():
+        table = function(cells, ref, paper)
+        assert not any(c.startswith("generated_") for c in table.columns), name
+        stem = str(tables / name)
+        rendering.write_table(table, f"{stem}.csv", f"{stem}.md", f"{stem}.tex", name)
+    main = (tables / "main.md").read_text()
+    assert main.count("Teacher-forced view only") == 1 and "## Generated" not in main
+    cf = [line for line in main.splitlines() if "tiny-counterfact" in line and "EMSEdit" in line]
+    assert cf and all("| —" in line for line in cf)  # CounterFact has no portability data: null, shown "—"
+    assert "view" not in (tables / "scaling.md").read_text()  # no quality metrics, no view blocks
+
+    opts = {**config["claims"], "bootstrap_resamples": 200}
+    rows, markdown, _ = rendering.evaluate_claims(cells, requests, ref, paper, opts)
+    assert set(rows["view"]) == {"teacher_forced"}
+    assert "| claim | variant | paper's evidence | ours (sub-tests, effects) | verdict | MDE |" in markdown
+    assert markdown.count("the records carry no generated scores") == 1 and "generated per-request" not in markdown
+
+    # the figure of both views falls back to teacher-forced bars and says so
+    notebook = json.loads((ROOT / "notebooks" / "efficacy_views.py.ipynb").read_text())
+    fake = types.SimpleNamespace(scriptdir=str(ROOT / "notebooks"), input=[str(tables / "main.csv")],
+                                 output=types.SimpleNamespace(png=str(tmp_path / "f.png"), pdf=str(tmp_path / "f.pdf")))
+    scope = {"snakemake": fake}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec("".join(cell["source"]), scope)  # noqa: S102 - our own notebook
+    assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
+    assert scope["fig"]._suptitle.get_text().startswith("Teacher-forced view only")
+    # a null generated score (count 0) in a table never crashes it and shows as "—"
+    frame = pd.DataFrame({"label": ["A"], "efficacy_mean": [50.0], "efficacy_ci95": [1.0],
+                          "generated_efficacy_mean": [float("nan")], "generated_efficacy_ci95": [float("nan")],
+                          "generated_portability_mean": [float("nan")]})
+    assert rendering.display_frame(frame)["generated_efficacy"].tolist() == ["—"]
+    assert [v for v, _ in rendering.view_blocks(frame)] == ["teacher_forced"]  # no empty generated block
 
 
 def _fake_upstream(work: Path, config: dict) -> None:

@@ -8,6 +8,13 @@ have known answers. Each metric carries per-request scores in edit order (``per_
 request's difficulty, shared by every cell on the same edit order (and its unedited scores), plus
 the cell's noise; the aggregate score is their mean, as in a real record.
 
+Beside the official scores, records carry the views of issue 12 (workflow/schemas/result.schema.yaml):
+teacher-forced ``portability`` (zsRE; CounterFact: null, count 0, as with no portability data) and
+``locality``, and, when the config's ``eval_metrics`` holds ``generated`` (the default), a
+``generated`` block whose exact match is 100 for a request whose teacher-forced score reaches the
+metric's threshold (GENERATED_THRESHOLD) and 0 otherwise: a 0/100 score per prompt, as greedy answers
+give, and claims that can come out differently on the two views.
+
 Usage: python tests/workflow_fixtures/synthetic_records.py CONFIG.yaml WORKDIR [--noise SD]
 """
 
@@ -45,14 +52,16 @@ def quality(cell: grid.Cell) -> dict:
     if cell.variant != grid.FAITHFUL:
         q += 2.0
     spec = 55.0 - (7.0 * (cell.steps - 2) if cell.steps >= 3 else 0.0)
-    return {"efficacy": q + 10, "generalization": q, "specificity": spec}
+    return {"efficacy": q + 10, "generalization": q, "specificity": spec, "portability": q - 30,
+            "locality": spec + 35}
 
 
 def difficulty(cell: grid.Cell) -> dict:
     """Per metric, each request's offset from the cell's score: fixed by the edit order (dataset,
     model, size, seed), so every cell on that order (and its unedited evaluation) shares it."""
     rng = random.Random(f"{cell.dataset}/{cell.model}/{cell.n}/{cell.seed}/requests")
-    return {m: [rng.uniform(-8.0, 8.0) for _ in range(cell.n)] for m in ("efficacy", "generalization", "specificity")}
+    return {m: [rng.uniform(-8.0, 8.0) for _ in range(cell.n)]
+            for m in ("efficacy", "generalization", "specificity", "portability", "locality")}
 
 
 def per_request(vals: dict, offsets: dict, rng: random.Random, noise: float) -> dict:
@@ -60,13 +69,52 @@ def per_request(vals: dict, offsets: dict, rng: random.Random, noise: float) -> 
     return {m: [round(min(100.0, max(0.0, v + o + rng.gauss(0, noise))), 4) for o in offsets[m]] for m, v in vals.items()}
 
 
-def metric_set(per: dict, n: int, kind: str) -> dict:
-    out = {k: round(sum(v) / len(v), 4) for k, v in per.items()}  # the aggregate is the per-request mean
+# The teacher-forced score from which a request's greedy answer is exact (contains: 10 points less).
+GENERATED_THRESHOLD = {"efficacy": 75.0, "generalization": 65.0, "portability": 40.0, "specificity": 50.0}
+DEFAULT_VIEWS = ["teacher_forced", "generated"]
+
+
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(sum(present) / len(present), 4) if present else None
+
+
+def probe(per: list, protocol: str, scorer: str) -> dict:
+    """A portability or locality block (schema probe_score); all-null per-request scores give a
+    null score with count 0, as a record of data without portability questions."""
+    count = sum(v is not None for v in per)
+    return {"score": _mean(per), "count": count, "per_request": per, "protocol": protocol, "scorer": scorer}
+
+
+def generated(per: dict, locality: list) -> dict:
+    """The generated block (schema generated) from the teacher-forced per-request scores: exact
+    match 100 where the score reaches GENERATED_THRESHOLD, contains 10 points below it."""
+    out = {"protocol": "generated", "prompt_format": "plain"}
+    for m, threshold in GENERATED_THRESHOLD.items():
+        em = [None if v is None else (100.0 if v >= threshold else 0.0) for v in per[m]]
+        hit = [None if v is None else (100.0 if v >= threshold - 10 else 0.0) for v in per[m]]
+        out[m] = {"exact_match": _mean(em), "contains": _mean(hit), "count": sum(v is not None for v in em),
+                  "per_request": {"exact_match": em, "contains": hit}}
+    unchanged = [100.0 if v >= 85.0 else 0.0 for v in locality]
+    out["locality"] = probe(unchanged, "generated", "unedited_generation")
+    return out
+
+
+def metric_set(per: dict, n: int, kind: str, views: list[str]) -> dict:
+    """The official scores from per-request ones (their mean, as a real record), then the views of
+    issue 12: portability (null for CounterFact) and locality, and the generated block with ``views``."""
+    official = {m: per[m] for m in ("efficacy", "generalization", "specificity")}
+    out = {k: round(sum(v) / len(v), 4) for k, v in official.items()}  # the aggregate is the per-request mean
     out["average"] = round(sum(out.values()) / 3, 4)
-    out["per_request"] = per
+    out["per_request"] = official
     out["counts"] = {"efficacy": n, "generalization": n, "specificity": n}
     out["protocol"] = "teacher_forced_token_acc" if kind == "zsre" else "prob_new_gt_old"
     out["scorer"] = {"specificity_against": "pre_edit_predictions", "quirks": []}
+    portability = per["portability"] if kind == "zsre" else [None] * n
+    out["portability"] = probe(portability, "teacher_forced", "new_answer")
+    out["locality"] = probe(per["locality"], "teacher_forced", "unedited_argmax")
+    if "generated" in views:
+        out["generated"] = generated({**official, "portability": portability}, per["locality"])
     return out
 
 
@@ -85,7 +133,8 @@ def timings(cell: grid.Cell, rng: random.Random) -> dict:
 
 
 def pre_quality(cell: grid.Cell, rng: random.Random) -> dict:
-    return {"efficacy": 20 + rng.random(), "generalization": 18 + rng.random(), "specificity": 100.0}
+    return {"efficacy": 20 + rng.random(), "generalization": 18 + rng.random(), "specificity": 100.0,
+            "portability": 15 + rng.random(), "locality": 100.0}
 
 
 def record(cell: grid.Cell, config: dict, noise: float) -> dict:
@@ -96,6 +145,7 @@ def record(cell: grid.Cell, config: dict, noise: float) -> dict:
     # pre scores depend only on (dataset, model, n, seed): the shared unedited evaluation
     pre_rng = random.Random(f"{cell.dataset}/{cell.model}/{cell.n}/{cell.seed}")
     offsets = difficulty(cell)
+    views = list(config.get("eval_metrics") or DEFAULT_VIEWS)
     return {
         "schema_version": 1,
         "kind": "run",
@@ -105,11 +155,13 @@ def record(cell: grid.Cell, config: dict, noise: float) -> dict:
             "protocol": cell.protocol, "turns": cell.turns, "edits": cell.edits, "steps": cell.steps,
             "loss": cell.loss, "seed": cell.seed, "train_turns": None if cell.train_turns == "default" else int(cell.train_turns),
             "hypernetworks": cell.hypernetworks, "tags": {"variant": cell.variant, "synthetic": "true"},
+            "eval_metrics": {"views": views, "prompt_format": "plain", "generation_margin": 5},
         },
         "edit_order": edit_order,
         "train_order": list(range(cell.n)),
-        "metrics": {"pre": metric_set(per_request(pre_quality(cell, pre_rng), offsets, pre_rng, 0.0), cell.n, kind),
-                    "post": metric_set(per_request(quality(cell), offsets, rng, noise), cell.n, kind)},
+        "metrics": {"pre": metric_set(per_request(pre_quality(cell, pre_rng), {**offsets, "locality": [0.0] * cell.n},
+                                                  pre_rng, 0.0), cell.n, kind, views),
+                    "post": metric_set(per_request(quality(cell), offsets, rng, noise), cell.n, kind, views)},
         "training": {"optimizer_steps": 1, "skipped_nonfinite": 0, "train_turns": cell.train_turns},
         "timings": timings(cell, rng),
         "peak_rss_mb": round(600 + 3.0 * cell.edits + 0.5 * cell.n + rng.random(), 3),

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from emsedit.registry import REPO_CONFIG_DIR, workflow_declarations
-from studies import METRICS, QUALITY  # declared once, with the studies
+from studies import GENERATED_METRICS, GENERATED_PREFIX, METRICS, PROBES, QUALITY  # declared once, with the studies
 
 TIMING_KEYS = [
     "load_model", "train_cache", "train_predict_shift", "train_edit_loss", "train_locality_loss",
@@ -172,12 +172,55 @@ def request_rows(record: dict, path: str) -> list[dict]:
     return rows
 
 
+# Where the aggregate scores of the views beyond the official metrics sit under
+# record["metrics"][phase]: table column -> keys. A record without the block leaves the column out
+# (so tables without a view's records show no such columns); a null score (count 0, e.g. no
+# portability data) reads NaN. generated_average is the mean of the three generated quality scores.
+VIEW_SCORES: dict[str, tuple[str, ...]] = {
+    **{p: (p, "score") for p in PROBES},  # teacher-forced portability and locality
+    **{GENERATED_PREFIX + m: ("generated", m, "exact_match") for m in QUALITY},  # greedy answers
+}
+
+
+def view_scores(metrics: dict) -> dict[str, float]:
+    """The VIEW_SCORES columns one metric set carries (NaN for a null score)."""
+    out = {}
+    for column, keys in VIEW_SCORES.items():
+        node = metrics
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, (int, float)):
+            out[column] = float(node)
+        elif isinstance(metrics.get(keys[0]), dict):  # the block is there, its score null
+            out[column] = float("nan")
+    generated = [out.get(GENERATED_PREFIX + m) for m in QUALITY]
+    if all(v is not None for v in generated):
+        out[GENERATED_PREFIX + "average"] = float(np.mean(generated))
+    return out
+
+
+def view_metrics(frame: pd.DataFrame, prefix: str = "post_") -> list[str]:
+    """The metrics the tables report for these cells: the official METRICS, then PROBES and the
+    generated view's metrics where the records carry them (column ``<prefix><metric>`` present)."""
+    return [*METRICS, *(m for m in (*PROBES, *GENERATED_METRICS) if f"{prefix}{m}" in frame)]
+
+
+def metric_columns(metrics: list[str], paper: bool = True) -> list[str]:
+    """Each metric's mean and 95% CI columns, with the paper's value (``paper``) beside the official
+    METRICS only (the paper reports teacher-forced scores)."""
+    return [c for m in metrics for c in (f"{m}_mean", f"{m}_ci95", *([f"{m}_paper"] if paper and m in METRICS else []))]
+
+
 def flatten_record(record: dict) -> dict:
-    """The numbers of one record as flat columns: pre_*/post_* metrics, t_* timings, memory, training."""
+    """The numbers of one record as flat columns: pre_*/post_* metrics (the official ones, then
+    VIEW_SCORES where present), t_* timings, memory, training."""
     row = {}
     for phase in ("pre", "post"):
         for metric in METRICS:
             row[f"{phase}_{metric}"] = float(record["metrics"][phase][metric])
+        row.update({f"{phase}_{k}": v for k, v in view_scores(record["metrics"][phase]).items()})
     timings = record.get("timings") or {}
     for key in TIMING_KEYS:
         row[f"t_{key}"] = float(timings[key]) if key in timings else np.nan

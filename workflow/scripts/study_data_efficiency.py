@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import editor_decl, paper_model, study
+from aggregation import editor_decl, metric_columns, paper_model, study, view_metrics
 from paired_tests import subtest
 from seed_statistics import summarize_groups
-from studies import METRICS, QUALITY
+from studies import QUALITY
 
 
 def table_data_efficiency(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
-    frame = study(cells, "data_efficiency").rename(columns={f"post_{m}": m for m in METRICS})
-    out = summarize_groups(frame, METRICS)
+    metrics = view_metrics(cells)
+    frame = study(cells, "data_efficiency").rename(columns={f"post_{m}": m for m in metrics})
+    out = summarize_groups(frame, metrics)
     out["source"] = "ours"
     out["train_amount"] = pd.to_numeric(out["train_turns"], errors="coerce")
     out["unit"] = ["train turns" if p == "sequential" else "train batches" for p in out["protocol"]]
@@ -32,7 +33,7 @@ def table_data_efficiency(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.Dat
         rows.append(pd.DataFrame([row]))
     out = pd.concat(rows, ignore_index=True)
     keep = ["source", "variant_label", "dataset", "model", "protocol", "label", "train_amount", "unit", "n_seeds"]
-    cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95")]
+    cols = metric_columns(metrics, paper=False)
     return out.sort_values(["source", "variant_label", "protocol", "label", "train_amount"], kind="stable")[keep + cols].reset_index(drop=True)
 
 

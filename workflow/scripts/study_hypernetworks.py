@@ -5,21 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import setting, study
+from aggregation import metric_columns, setting, study, view_metrics
 from paired_tests import subtest
 from seed_statistics import summarize_groups
 from studies import METRICS
 
 
 def table_hypernetworks(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
-    frame = study(cells, "hypernetworks").rename(columns={f"post_{m}": m for m in METRICS})
-    out = summarize_groups(frame, METRICS)
+    metrics = view_metrics(cells)
+    frame = study(cells, "hypernetworks").rename(columns={f"post_{m}": m for m in metrics})
+    out = summarize_groups(frame, metrics)
     for m in METRICS:
         out[f"{m}_paper"] = np.nan  # spec §10.6: not found in the paper's sources
     out["setting"] = [setting(r.protocol, r.turns, r.edits) for r in out.itertuples()]
     keep = ["variant_label", "dataset", "model", "protocol", "setting", "label", "hypernetworks", "n_seeds"]
-    cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95", f"{m}_paper")]
-    return out[keep + cols].reset_index(drop=True)
+    return out[keep + metric_columns(metrics)].reset_index(drop=True)
 
 
 def claim_hypernetworks(cells, ref, paper, tests):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import paper_model, setting, study
+from aggregation import metric_columns, paper_model, setting, study, view_metrics
 from paired_tests import subtest
 from seed_statistics import summarize, summarize_groups
 from studies import METRICS
@@ -45,8 +45,9 @@ def loss_pairs(cells: pd.DataFrame):
 
 
 def table_loss(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
-    frame = study(cells, "loss").rename(columns={f"post_{m}": m for m in METRICS})
-    out = summarize_groups(frame, METRICS + ["t_train_total"])
+    metrics = view_metrics(cells)
+    frame = study(cells, "loss").rename(columns={f"post_{m}": m for m in metrics})
+    out = summarize_groups(frame, metrics + ["t_train_total"])
     ratios = {}
     for keys, l2, kl in loss_pairs(cells):
         r = l2.set_index("seed")["t_train_total"] / kl.set_index("seed")["t_train_total"]
@@ -61,7 +62,7 @@ def table_loss(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
         _paper_time_ratio(ref, r.protocol, paper_model(r.model, paper)) if r.loss == "l2" else np.nan for r in out.itertuples()]
     out["setting"] = [setting(r.protocol, r.turns, r.edits) for r in out.itertuples()]
     keep = ["variant_label", "dataset", "model", "protocol", "setting", "label", "loss", "n_seeds"]
-    cols = [c for m in METRICS + ["t_train_total"] for c in (f"{m}_mean", f"{m}_ci95")]
+    cols = metric_columns([*METRICS, "t_train_total", *metrics[len(METRICS):]], paper=False)
     cols += ["train_time_ratio_l2_over_kl_mean", "train_time_ratio_l2_over_kl_ci95", "train_time_ratio_paper"]
     return out[keep + cols].reset_index(drop=True)
 

@@ -6,23 +6,24 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import (OWN, control_for, editor_decl, editor_label, own, paper_dataset, paper_model, paper_value,
-                         setting, study)
+from aggregation import (OWN, control_for, editor_decl, editor_label, metric_columns, own, paper_dataset, paper_model,
+                         paper_value, setting, study, view_metrics)
 from paired_tests import subtest
 from seed_statistics import paired_diffs, summarize, summarize_groups
 from studies import METRICS
 
 
 def table_main(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
+    metrics = view_metrics(cells)
     frame = study(cells, "main")
-    frame = frame.rename(columns={f"post_{m}": m for m in METRICS})
-    out = summarize_groups(frame, METRICS)
+    frame = frame.rename(columns={f"post_{m}": m for m in metrics})
+    out = summarize_groups(frame, metrics)
     # the unedited model on the same edits, once per dataset/protocol/setting
-    pre = cells[cells["study"] == "main"].rename(columns={f"pre_{m}": m for m in METRICS})
+    pre = cells[cells["study"] == "main"].rename(columns={f"pre_{m}": m for m in metrics})
     pre = pre.drop_duplicates(["variant_label", "dataset", "model", "protocol", "turns", "edits", "seed"])
     pre_rows = summarize_groups(pre.assign(editor="", label="Unedited", steps=0, iterations=OWN, loss="", hypernetworks="",
                                            train_turns=""),
-                                METRICS)
+                                metrics)
     out = pd.concat([pre_rows, out], ignore_index=True)
     main_ref = ref["main"]
     for m in METRICS:
@@ -36,8 +37,7 @@ def table_main(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     order = {"sequential": 0, "batch": 1}
     out = out.sort_values(["variant_label", "dataset", "protocol"], key=lambda s: s.map(order) if s.name == "protocol" else s, kind="stable")
     keep = ["variant_label", "dataset", "model", "protocol", "setting", "label", "train_turns", "n_seeds"]
-    cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95", f"{m}_paper")]
-    return out[keep + cols + ["paper_model"]].reset_index(drop=True)
+    return out[keep + metric_columns(metrics) + ["paper_model"]].reset_index(drop=True)
 
 
 def _ref_avg(ref, paper, model, dataset, protocol, editor):
@@ -83,19 +83,22 @@ def msbp_pairs(cells: pd.DataFrame) -> list[tuple[dict, pd.DataFrame, pd.DataFra
 
 def table_msbp(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     rows = []
+    metrics = view_metrics(cells)
     for keys, s1, s2, control, kind in msbp_pairs(cells):
         base = editor_label(keys["editor"], 1, keys["loss"])
         row = {k: keys[k] for k in ("variant_label", "dataset", "model", "protocol")}
         row["setting"] = setting(keys["protocol"], keys["turns"], keys["edits"])
         row["pair"] = f"{base} → {base}²"
         row["control"] = kind
-        for m in METRICS:
+        for m in metrics:
             d = paired_diffs(s2, s1, f"post_{m}")
             s = summarize(d)
             row["n_seeds"] = s["n"]
             row[f"{m}_gain_mean"], row[f"{m}_gain_ci95"] = s["mean"], s["ci95"]
             c = summarize(paired_diffs(s2, control, f"post_{m}")) if len(control) else {"mean": np.nan, "ci95": np.nan}
             row[f"{m}_gain_over_control_mean"], row[f"{m}_gain_over_control_ci95"] = c["mean"], c["ci95"]
+            if m not in METRICS:  # the paper's gains are teacher-forced, beside the official metrics only
+                continue
             kw = dict(protocol=keys["protocol"], model=paper_model(keys["model"], paper),
                       dataset=paper_dataset(keys["dataset"], paper), metric=m)
             row[f"{m}_gain_paper"] = paper_value(ref["main"], editor=base + "²", **kw) - paper_value(ref["main"], editor=base, **kw)

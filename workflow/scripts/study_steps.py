@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aggregation import OWN, control_for, editor_decl, own, paper_model, paper_value, setting, study
+from aggregation import (OWN, control_for, editor_decl, metric_columns, own, paper_model, paper_value, setting, study,
+                         view_metrics)
 from rendering import fmt
 from paired_tests import subtest
 from seed_statistics import summarize_groups
@@ -26,8 +27,9 @@ def _paper_steps(ref: dict, protocol: str, model: str, steps: int, metric: str) 
 
 
 def table_steps(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
-    frame = study(cells, "steps").rename(columns={f"post_{m}": m for m in METRICS})
-    out = summarize_groups(frame, METRICS)
+    metrics = view_metrics(cells)
+    frame = study(cells, "steps").rename(columns={f"post_{m}": m for m in metrics})
+    out = summarize_groups(frame, metrics)
     # the paper's numbers sit beside the family it ran (MALMEN batch, RLEdit sequential) only
     for m in METRICS:
         out[f"{m}_paper"] = [
@@ -37,9 +39,8 @@ def table_steps(cells: pd.DataFrame, ref: dict, paper: dict) -> pd.DataFrame:
     out["setting"] = [setting(r.protocol, r.turns, r.edits) for r in out.itertuples()]
     out["matched_to"] = [np.nan if i == OWN else int(str(i).removeprefix("S")) for i in out["iterations"]]
     keep = ["variant_label", "dataset", "model", "protocol", "setting", "editor", "label", "steps", "matched_to", "n_seeds"]
-    cols = [c for m in METRICS for c in (f"{m}_mean", f"{m}_ci95", f"{m}_paper")]
     return out.sort_values(["variant_label", "dataset", "protocol", "editor", "matched_to", "steps"], kind="stable",
-                           na_position="first")[keep + cols].reset_index(drop=True)
+                           na_position="first")[keep + metric_columns(metrics)].reset_index(drop=True)
 
 
 def claim_steps(cells, ref, paper, tests):
