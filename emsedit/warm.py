@@ -4,7 +4,7 @@ A cell's process spends ~3–5 s importing torch and transformers and ~1 s teari
 as long as a small cell computes. With ``EMSEDIT_WARM=1``, ``python -m emsedit run|evaluate`` is a
 thin client instead (standard library only, ~0.1 s):
 
-* A *server* per (interpreter, library code digest) imports the heavy modules once, runs no torch
+* A *server* per (interpreter, checkout, library code digest) imports the heavy modules once, runs no torch
   operation itself, and listens on a Unix socket. The first client starts it (under a lock, so
   concurrent jobs start one server); it exits after ``IDLE_S`` seconds without work.
 * For each cell the client sends its arguments, working directory, environment and its
@@ -53,10 +53,12 @@ def enabled(argv: list[str]) -> bool:
 
 
 def socket_path() -> Path:
-    """One server per interpreter and library code: a code change starts a new server."""
+    """One server per interpreter, checkout and library code: a code change starts a new server, and
+    two checkouts never share one (a cell reads its configs from its server's checkout)."""
+    from emsedit.config import REPO_ROOT
     from emsedit.records import code_digest
 
-    key = hashlib.sha256(f"{sys.executable}\0{code_digest()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{sys.executable}\0{REPO_ROOT}\0{code_digest()}".encode()).hexdigest()[:16]
     folder = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
     return folder / f"emsedit-warm-{os.getuid()}-{key}.sock"  # a long folder (> ~80 chars) cannot bind: in-process
 

@@ -106,3 +106,24 @@ def test_help_never_goes_to_the_server(tmp_path):
     proc = _client(["run", "--help"], environ)
     assert proc.returncode == 0 and "--editor" in proc.stdout
     assert not list(tmp_path.iterdir())  # no server, no lock, no socket
+
+
+def test_one_server_per_checkout_interpreter_and_code(monkeypatch, tmp_path):
+    """A cell reads configs from its server's checkout: another checkout, interpreter or library
+    code gets another server."""
+    from emsedit import config, records, warm
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    first = warm.socket_path()
+    assert first.parent == tmp_path and first == warm.socket_path()
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "other-checkout")
+    assert warm.socket_path() != first
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    python = sys.executable
+    monkeypatch.setattr(sys, "executable", "/another/python")
+    assert warm.socket_path() != first
+    monkeypatch.setattr(sys, "executable", python)
+    assert warm.socket_path() == first
+    monkeypatch.setattr(records, "code_digest", lambda: "0" * 16)
+    assert warm.socket_path() != first
