@@ -13,4 +13,4 @@ if warm.enabled(argv):
 from emsedit.cli import main  # noqa: E402
 
 status = main(argv)
-warm._flush_and_exit(status)  # skip the interpreter's teardown of torch (~1 s)
+warm.flush_and_exit(status)  # skip the interpreter's teardown of torch (~1 s)

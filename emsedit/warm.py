@@ -232,7 +232,7 @@ def _fork_cell(conn: socket.socket, listener: socket.socket,
 
             traceback.print_exc()
             status = 1
-        _flush_and_exit(status)
+        flush_and_exit(status)
     for fd in fds:
         os.close(fd)
     return pid, os.pidfd_open(pid), request["argv"]
@@ -255,7 +255,7 @@ def _finish(pid: int, child: dict, sel: selectors.BaseSelector) -> None:
     conn.close()
 
 
-def _flush_and_exit(status: int) -> None:
+def flush_and_exit(status: int) -> None:
     """Exit without the interpreter's teardown (~1 s with torch loaded); output is flushed first."""
     import logging
 
