@@ -2,7 +2,8 @@
 
 Commands: ``fetch`` (obtain a dataset's files), ``materialize`` (write the offline model),
 ``tiny-model`` (a tiny random model for tests), ``order`` (a seeded edit order), ``evaluate`` (the
-unedited baseline) and ``run`` (meta-train, edit and evaluate one experiment cell). User mistakes
+unedited baseline), ``share-training`` (the training requests' unedited lower layers, shared by the
+cells of a seed) and ``run`` (meta-train, edit and evaluate one experiment cell). User mistakes
 exit with status 2 and a one-line cause on stderr; a result is written only when the command
 succeeds, atomically.
 """
@@ -102,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-max-mb", type=float, default=512.0,
                    help="write an empty --prefix-out file when the activations exceed this size (default: 512)")
 
+    p = sub.add_parser("share-training", help="write the unedited lower layers' activations of a seeded training "
+                                              "order, replayed by every cell that meta-trains on a prefix of it")
+    p.add_argument("--model", required=True, help="model config name in config/models or a YAML path")
+    p.add_argument("--dataset", required=True, help="dataset config name in config/datasets or a YAML path")
+    p.add_argument("--seed", type=int, required=True, help="seed of the training order (as the cells' --seed)")
+    p.add_argument("--edits", type=int, required=True, help="requests per training turn (as the cells' --edits)")
+    p.add_argument("--train-turns", type=int, required=True,
+                   help="training turns to cover: the most any cell of this order uses (cells needing more "
+                        "compute the rest themselves)")
+    p.add_argument("--out", required=True, help="the safetensors file to write (for `run --train-prefix-in`)")
+    p.add_argument("--train-file", help="the training requests of this file instead of the configured train split")
+    p.add_argument("--prefix-max-mb", type=float, default=512.0,
+                   help="write an empty file when the activations exceed this size (default: 512)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--data-dir", default="resources/data", help="where dataset files are kept (default: resources/data)")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, ...")
+
     p = sub.add_parser("run", help="meta-train, edit and evaluate one experiment cell")
     _add_common(p)
     p.add_argument("--editor", required=True,
@@ -117,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pre", dest="pre_record", help="reuse metrics.pre from this `evaluate` record (same order and edits)")
     p.add_argument("--prefix-in", help="replay the lower layers' activations written by `evaluate --prefix-out` "
                                        "(same model; mini-batches are matched by content)")
+    p.add_argument("--train-prefix-in", help="replay the training requests' lower layers written by `share-training` "
+                                             "(same model, tokenizer, seed, train file and --edits; else refused)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an editor hyperparameter or switch (repeatable; see config/editors)")
     p.add_argument("--match-iterations", type=int, metavar="S",
                    help="control cell: run S = 1 with as many Adam iterations per training turn as this "
@@ -158,6 +178,7 @@ def _cell_options(args: argparse.Namespace) -> Any:
         train_file=getattr(args, "train_file", None), order_file=args.order_file,
         pre_record=getattr(args, "pre_record", None), threads=args.threads,
         prefix_out=getattr(args, "prefix_out", None), prefix_in=getattr(args, "prefix_in", None),
+        train_prefix_in=getattr(args, "train_prefix_in", None),
         prefix_max_mb=getattr(args, "prefix_max_mb", 512.0),
         curve=getattr(args, "curve", False), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every_s=getattr(args, "checkpoint_every", 60.0), data_dir=args.data_dir,
@@ -203,6 +224,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ConfigError(f"--n {args.n} is not a multiple of --edits {opts.edits}")
         opts.turns = args.n // opts.edits
         write_record(args.out, protocols.evaluate_cell(opts))
+        return 0
+    if args.command == "share-training":
+        if args.edits < 1 or args.train_turns < 1:
+            raise ConfigError(f"--edits and --train-turns must be >= 1, got {args.edits} and {args.train_turns}")
+        opts = protocols.CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, edits=args.edits,
+                                     train_turns=args.train_turns, train_file=args.train_file, threads=args.threads,
+                                     prefix_max_mb=args.prefix_max_mb, data_dir=args.data_dir, device=args.device)
+        protocols.share_training(opts, args.out)
         return 0
     overrides: dict[str, Any] = _key_values(args.set, "--set")
     for key in ("steps", "loss", "hypernetworks"):

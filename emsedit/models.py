@@ -12,6 +12,7 @@ import difflib
 import importlib.metadata
 import importlib.util
 import itertools
+import hashlib
 import json
 import os
 import re
@@ -42,6 +43,7 @@ __all__ = [
     "TORCH_DTYPES",
     "expand_pattern",
     "resolve_name_or_path",
+    "tokenizer_digest",
     "load_model",
     "materialize_model",
     "resolve_modules",
@@ -270,6 +272,23 @@ def resolve_name_or_path(model_cfg: ModelConfig) -> str:
     if model_cfg.materialize is None and _HUB_ID.match(raw) and not raw.startswith("."):
         return raw
     return str((_base_dir() / path).resolve())
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "tokenizer.model")
+
+
+def tokenizer_digest(model_cfg: ModelConfig) -> str:
+    """A digest of the tokenizer files of a local model directory (the hub id for a hub model), read
+    without loading anything: what token ids mean, for files keyed by token ids."""
+    target = Path(resolve_name_or_path(model_cfg))
+    if not target.is_dir():
+        return f"hub:{model_cfg.name_or_path}"
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        if (target / name).is_file():
+            h.update(name.encode() + b"\0" + (target / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def load_model(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"

@@ -253,6 +253,24 @@ class PrefixCachedModel(nn.Module):
         return result
 
 
+TURN_KINDS = ("edit", "equiv", "unrel")  # a turn's mini-batch lists, in the order they are warmed
+
+
+def warm_turns(model: nn.Module, turns: Sequence[Any], kinds: Sequence[str] = TURN_KINDS) -> None:
+    """Compute the lower layers of the turns' mini-batches not yet known, in the canonical grouping.
+
+    Each turn's ``kinds`` lists (edit, paraphrase, locality mini-batches) are warmed list by list, so a
+    mini-batch's activations depend only on its own turn and list, whoever computes them (a cell while
+    meta-training, or the ``share-training`` job for every cell of that order). No-op without a
+    prefix cache.
+    """
+    if not isinstance(model, PrefixCachedModel) or not model.enabled:
+        return
+    for turn in turns:
+        for kind in kinds:
+            model.warm(getattr(turn, kind))
+
+
 class _LowerLayersDone(Exception):
     """Raised by :meth:`PrefixCachedModel.warm`'s hook to stop a pass after the lower layers."""
 
@@ -283,16 +301,28 @@ def save_shared(path: str | Path, model: PrefixCachedModel, meta: dict[str, str]
     note = "complete"
     if size > max_bytes:
         tensors, note = {}, f"omitted: {size} bytes > limit {max_bytes}"
-    header = {**meta, "format": SHARED_FORMAT, "lowest": str(model.lowest), "note": note}
+    header = {**meta, "format": SHARED_FORMAT, "lowest": str(model.lowest), "note": note,
+              "digest": _tensors_digest(tensors)}
     write_bytes_atomic(path, save(tensors, metadata=header))
     return len(tensors)
 
 
-def read_shared_header(path: str | Path, meta: dict[str, str]) -> dict[str, str]:
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of the activations (names, shapes, dtypes, bytes): a damaged file is refused."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def read_shared_header(path: str | Path, meta: dict[str, str], *, verify: bool = False) -> dict[str, str]:
     """The header of a :func:`save_shared` file, checked against ``meta`` (before any model loads).
 
     Raises ValueError for a file that is not one, or that was written for another model: its
-    activations would be wrong here, not merely unused.
+    activations would be wrong here, not merely unused. ``verify`` also reads the activations and
+    checks them against the digest in the header (a truncated or damaged file is refused).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -306,19 +336,33 @@ def read_shared_header(path: str | Path, meta: dict[str, str]) -> dict[str, str]
     wrong = {k: (header.get(k), v) for k, v in meta.items() if header.get(k) != v}
     if wrong:
         raise ValueError(f"{path}: written for other settings (file vs this run: {wrong})")
+    if verify:
+        _read_verified(path, header)
     return header
+
+
+def _read_verified(path: str | Path, header: dict[str, str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path}: unreadable activations ({err})") from None
+    if "digest" in header and _tensors_digest(tensors) != header["digest"]:
+        raise ValueError(f"{path}: its activations do not match the digest in its header (damaged file)")
+    return tensors
 
 
 def load_shared(path: str | Path, model: PrefixCachedModel, meta: dict[str, str]) -> int:
     """Preload activations written by :func:`save_shared`; return how many were loaded.
 
-    Raises ValueError as :func:`read_shared_header` does, and when the lowest edited layer differs.
+    Raises ValueError as :func:`read_shared_header` does, when the lowest edited layer differs, and
+    when the activations do not match the digest the writer put in the header (a damaged file).
     """
-    from safetensors.torch import load_file
-
-    read_shared_header(path, {**meta, "lowest": str(model.lowest)})
+    header = read_shared_header(path, {**meta, "lowest": str(model.lowest)})
     if not model.enabled:
         return 0
-    tensors = load_file(str(path))
+    tensors = _read_verified(path, header)
     model.preload(tensors)
     return len(tensors)

@@ -33,9 +33,9 @@ from emsedit.hparams import EditorHParams
 from emsedit.evaluation import METRIC_VIEWS, EvalSettings, Probes, build_probes, evaluate_views
 from emsedit.generation import DEFAULT_MARGIN
 from emsedit.metrics import MetricQuirks, evaluate_turns
-from emsedit.models import load_model, resolve_modules
+from emsedit.models import load_model, resolve_modules, tokenizer_digest
 from emsedit.plans import DataPlan, build_turns, load_dataset_config, pick, plan_data
-from emsedit.prefix_cache import PrefixCachedModel, load_shared, read_shared_header, save_shared
+from emsedit.prefix_cache import PrefixCachedModel, load_shared, read_shared_header, save_shared, warm_turns
 from emsedit.progress import Progress
 from emsedit.records import provenance
 from emsedit.registry import editor_class
@@ -62,7 +62,8 @@ class CellOptions:
     pre_record: str | None = None
     prefix_out: str | None = None  # evaluate: write the lower layers' activations here (shared)
     prefix_in: str | None = None  # run: replay the lower layers' activations from this file
-    prefix_max_mb: float = 512.0  # evaluate: write an empty file instead beyond this size
+    prefix_max_mb: float = 512.0  # evaluate / share-training: write an empty file instead beyond this size
+    train_prefix_in: str | None = None  # run: replay the training requests' lower layers from this file
     threads: int | None = None
     curve: bool = False
     checkpoint_dir: str | None = None
@@ -193,6 +194,72 @@ def _preload_prefix(opts: CellOptions, model: Any, model_cfg: ModelConfig) -> di
     return {"prefix_activations": {"path": opts.prefix_in, "mini_batches": loaded}}
 
 
+def _preload_train_prefix(opts: CellOptions, model: Any, model_cfg: ModelConfig, plan: DataPlan,
+                          hp: EditorHParams) -> dict[str, Any]:
+    """Preload shared training activations when given; return what the record says about them."""
+    if not opts.train_prefix_in:
+        return {}
+    if not isinstance(model, PrefixCachedModel):
+        raise ConfigError("--train-prefix-in needs the prefix cache (drop --no-prefix-cache)")
+    try:
+        loaded = load_shared(opts.train_prefix_in, model,
+                             _train_prefix_meta(model_cfg, plan, opts.edits, hp.lm_batch_size))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--train-prefix-in: {err}") from None
+    return {"train_activations": {"path": opts.train_prefix_in, "mini_batches": loaded}}
+
+
+def _train_prefix_meta(model_cfg: ModelConfig, plan: DataPlan, edits: int, lm_batch_size: int) -> dict[str, str]:
+    """What shared training activations depend on besides the token ids: the model and tokenizer, the
+    train file, and the turn structure (the canonical grouping follows turns and mini-batches)."""
+    return {**_prefix_meta(model_cfg), "split": "train", "tokenizer": tokenizer_digest(model_cfg),
+            "train_sha256": plan.files["train"]["sha256"], "edits": str(edits), "lm_batch_size": str(lm_batch_size)}
+
+
+def share_training(opts: CellOptions, out: str, *, lm_batch_size: int = 4) -> int:
+    """Write the lower layers' activations of the first ``opts.train_turns`` training turns of the seeded
+    training order (``share-training``); return how many mini-batches were written.
+
+    Every cell of this model, dataset, seed and turn structure that meta-trains on a prefix of that
+    order replays them (``run --train-prefix-in``): its record is the one it would compute itself.
+    """
+    if not opts.train_turns or opts.train_turns < 1:
+        raise ConfigError(f"--train-turns must be >= 1, got {opts.train_turns}")
+    dataset = load_dataset_config(opts.dataset)
+    plan = plan_data(dataset, n_eval=0, n_train=opts.train_turns * opts.edits, seed=opts.seed,
+                     train_file=opts.train_file, data_dir=opts.data_dir, cap_train_to=opts.edits)
+    if not opts.prefix_cache:
+        raise ConfigError("share-training needs the prefix cache (drop --no-prefix-cache)")
+    model_cfg, model, tokenizer, _modules, load_s = _setup(opts)
+    turns = build_turns(pick(plan.train_requests, plan.train_order), tokenizer, opts.edits, split="train",
+                        lm_batch_size=lm_batch_size, old_label_pad=opts.old_label_pad, device=opts.torch_device)
+    start = time.perf_counter()
+    with Progress("training activations", len(turns)) as bar:
+        for turn in turns:
+            warm_turns(model, [turn])
+            bar.update()
+    meta = {**_train_prefix_meta(model_cfg, plan, opts.edits, lm_batch_size),
+            "train_order": json.dumps(plan.train_order)}
+    written = save_shared(out, model, meta, max_bytes=int(opts.prefix_max_mb * 2**20))
+    log.info("%d training turns of %d: %d mini-batches written to %s (model %.1f s, layers %.1f s)",
+             len(turns), opts.edits, written, out, load_s, time.perf_counter() - start)
+    return written
+
+
+def _check_train_prefix(opts: CellOptions, plan: DataPlan, model_cfg: ModelConfig, lm_batch_size: int) -> None:
+    """Refuse a ``--train-prefix-in`` file written for another model, tokenizer, train file, turn
+    structure or training order (one line, before the model loads)."""
+    path = opts.train_prefix_in
+    try:
+        header = read_shared_header(path, _train_prefix_meta(model_cfg, plan, opts.edits, lm_batch_size), verify=True)
+        order = [int(i) for i in json.loads(header.get("train_order", "null"))]
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"--train-prefix-in: {err}") from None
+    common = min(len(order), len(plan.train_order))
+    if order[:common] != plan.train_order[:common]:
+        raise ConfigError(f"--train-prefix-in: {path}: written for another training order (seed or train file)")
+
+
 def resolve_train_turns(editor_schedule: str, hp: EditorHParams, opts: CellOptions) -> int:
     """How many training turns of ``edits`` requests meta-training uses (0 for training-free)."""
     if editor_schedule == "none":
@@ -207,7 +274,8 @@ def _checkpoint_folder(opts: CellOptions, config: dict[str, Any]) -> Path | None
         return None
     # threads and replayed activations change no result, and the metrics are computed after the last
     # edit, so a resume may differ in them
-    key = json.dumps({k: v for k, v in config.items() if k not in ("threads", "prefix_activations", "eval_metrics")},
+    key = json.dumps({k: v for k, v in config.items()
+                      if k not in ("threads", "prefix_activations", "train_activations", "eval_metrics")},
                      sort_keys=True, default=str)
     return Path(opts.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -267,17 +335,21 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
     train_turns = len(plan.train_order) // opts.edits
     if opts.prefix_in:  # a wrong file is reported before the model loads
         try:
-            read_shared_header(opts.prefix_in, _prefix_meta(ModelConfig.from_yaml(find_config("models", opts.model))))
+            read_shared_header(opts.prefix_in, _prefix_meta(ModelConfig.from_yaml(find_config("models", opts.model))),
+                               verify=True)
         except (OSError, ValueError) as err:
             raise ConfigError(f"--prefix-in: {err}") from None
     if opts.pre_record:  # unedited scores of other metric views are refused before the model loads
         _check_pre_views(opts)
+    if opts.train_prefix_in and train_turns:
+        _check_train_prefix(opts, plan, ModelConfig.from_yaml(find_config("models", opts.model)), hp.lm_batch_size)
     model_cfg, model, tokenizer, modules, load_s = _setup(opts)
     timer.add("load_model", load_s)
     log.info("%s: model %s loaded in %.1f s; %d edit turns of %d, %d training turns", hp.name,
              model_cfg.name, load_s, opts.turns, opts.edits, train_turns)
     with timer.phase("load_prefix"):
         shared = _preload_prefix(opts, model, model_cfg)
+        train_shared = _preload_train_prefix(opts, model, model_cfg, plan, hp) if train_turns else {}
     editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
     if archive:
         with timer.phase("load_editor"):
@@ -297,6 +369,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
         "steps": hp.steps, "loss": hp.loss, "hypernetworks": editor.hypernetworks,
         "train_turns": train_turns,
         **shared,
+        **train_shared,
         **(editor_archive.record_fields(opts.load_editor, archive) if archive else {}),
     })
 
@@ -317,11 +390,13 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
 
     if archive and phase == "train":
         phase, units = "edit", 0  # loaded: no meta-training, no training timings
+    replayed_before_training = getattr(model, "preloaded_hits", 0)
     with timer.phase("train_total") if not archive else contextlib.nullcontext():
         if phase == "train":
             editor.meta_train(train, on_turn_done=save, start=units)
             phase, units = "edit", 0
             save("edit", 0, force=True)
+    replayed_in_training = getattr(model, "preloaded_hits", 0) - replayed_before_training
     if opts.save_editor:
         _save_trained(opts, editor, model_cfg, plan, timer, units, folder)
     curve = save.curve
@@ -341,7 +416,9 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
         post = evaluate_views(model, tokenizer, eval_turns, probes, plan.kind, quirks, settings,
                               reference=pre["locality_reference"], timer=timer, phase="generate_post")
     if shared:
-        shared["prefix_activations"]["replayed"] = model.preloaded_hits
+        shared["prefix_activations"]["replayed"] = model.preloaded_hits - replayed_in_training
+    if train_shared:
+        train_shared["train_activations"]["replayed"] = replayed_in_training
 
     metrics: dict[str, Any] = {"pre": pre, "post": post}
     if opts.curve:

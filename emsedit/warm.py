@@ -1,7 +1,7 @@
 """A warm interpreter for experiment cells: no import tax per cell (opt-in, ``EMSEDIT_WARM=1``).
 
 A cell's process spends ~3–5 s importing torch and transformers and ~1 s tearing them down, about
-as long as a small cell computes. With ``EMSEDIT_WARM=1``, ``python -m emsedit run|evaluate`` is a
+as long as a small cell computes. With ``EMSEDIT_WARM=1``, ``python -m emsedit run|evaluate|share-training`` is a
 thin client instead (standard library only, ~0.1 s):
 
 * A *server* per (interpreter, checkout, library code digest) imports the heavy modules once, runs no torch
@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-COMMANDS = ("run", "evaluate")  # the commands that load a model; the others are quick anyway
+COMMANDS = ("run", "evaluate", "share-training")  # the commands that load a model; the others are quick anyway
 IDLE_S = float(os.environ.get("EMSEDIT_WARM_IDLE_S", 600))  # the server exits after this long without a cell
 START_TIMEOUT_S = 180.0  # how long a client waits for a starting server
 KILL_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long, for a child whose client went away

@@ -364,6 +364,87 @@ def test_shared_prefix_of_another_model_is_refused(env, upper_only, tmp_path, ca
                        "not a safetensors file")
 
 
+# ------------------------------------------------------------------------ shared training activations
+def _share_args(env, model, out, *extra, seed="3", edits="4", turns="4"):
+    return ["share-training", "--model", model, "--dataset", env["dataset"], "--data-dir", env["data"],
+            "--seed", seed, "--edits", edits, "--train-turns", turns, "--threads", "1", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def train_prefix(env, upper_only):
+    """The training activations of 4 turns of 4 requests (cells below train on 3 of them)."""
+    out = env["root"] / "train.prefix.safetensors"
+    assert cli.main(_share_args(env, upper_only, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("editor,extra", [
+    ("emsedit", []),                                              # rollout, l2: edit and paraphrase passes
+    ("rledit", ["--set", "back_depth=2", "--steps", "2"]),       # backtracking, KL: memory passes join turns
+    ("malmen", ["--protocol", "batch", "--turns", "1", "--edits", "4"]),  # batch, KL, one turn per step
+])
+def test_shared_training_activations_are_replayed_and_change_nothing(env, upper_only, train_prefix, tmp_path,
+                                                                     editor, extra):
+    """`share-training` then `run --train-prefix-in`: the training turns' lower layers are replayed, and
+    the whole record equals the run that computed them itself."""
+    plain, shared = tmp_path / "plain.json", tmp_path / "shared.json"
+    args = _run_upper(env, upper_only, plain, *extra)
+    args[args.index("--editor") + 1] = editor
+    assert cli.main(args) == 0
+    args[args.index("--out") + 1] = str(shared)
+    assert cli.main([*args, "--train-prefix-in", str(train_prefix)]) == 0
+    plain, shared = json.loads(plain.read_text()), json.loads(shared.read_text())
+    info = shared["config"].pop("train_activations")
+    per_turn = 3 if plain["config"]["loss"] == "kl" else 2  # edit, paraphrase (and locality) mini-batches
+    assert info == {"path": str(train_prefix), "mini_batches": 4 * 3, "replayed": 3 * per_turn}, info
+    assert strip(shared) == strip(plain)
+    assert plain["training"]["train_turns"] >= 3
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"seed": "4"}, "another training order"),
+    ({"edits": "2"}, "written for other settings"),
+])
+def test_shared_training_activations_of_another_order_are_refused(env, upper_only, tmp_path, capsys, change,
+                                                                  needle):
+    other = tmp_path / "other.safetensors"
+    assert cli.main(_share_args(env, upper_only, other, **change)) == 0
+    out = tmp_path / "out.json"
+    _expect_user_error([*_run_upper(env, upper_only, out), "--train-prefix-in", str(other)], out, capsys, needle)
+
+
+def test_damaged_shared_training_activations_are_refused(env, upper_only, train_prefix, tmp_path, capsys):
+    data = train_prefix.read_bytes()
+    out = tmp_path / "out.json"
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    _expect_user_error([*_run_upper(env, upper_only, out), "--train-prefix-in", str(truncated)], out, capsys,
+                       str(truncated))
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))  # the last tensor's bytes
+    _expect_user_error([*_run_upper(env, upper_only, out), "--train-prefix-in", str(flipped)], out, capsys,
+                       "digest")
+
+
+def test_shared_training_activations_of_another_model_are_refused_before_it_loads(env, upper_only, tmp_path,
+                                                                                  capsys, monkeypatch):
+    other = yaml.safe_load(Path(upper_only).read_text())
+    other["name_or_path"] = str(Path(save_tiny_model(tmp_path / "other", style="llama", seed=1)).parent)
+    other_yaml = tmp_path / "other.yaml"
+    other_yaml.write_text(yaml.safe_dump(other))
+    prefix = tmp_path / "other.safetensors"
+    assert cli.main(_share_args(env, str(other_yaml), prefix)) == 0
+    from emsedit import protocols
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the file was checked")
+
+    monkeypatch.setattr(protocols, "load_model", no_load)
+    out = tmp_path / "out.json"
+    _expect_user_error([*_run_upper(env, upper_only, out), "--train-prefix-in", str(prefix)], out, capsys,
+                       "written for other settings")
+
+
 # ---------------------------------------------------------------------------------------- user errors
 def _expect_user_error(args, out, capsys, needle):
     capsys.readouterr()

@@ -562,8 +562,19 @@ def test_tiny_end_to_end(tmp_path):
     res = snakemake(*args, "--report", str(work / "results" / "report.html"))
     assert res.returncode == 0, res.stderr[-5000:]
     _assert_artifacts(work)
+    training_cells = 0
     for path in (work / "results" / "runs").rglob("*.json"):
         record = json.loads(path.read_text())
         assert record["kind"] == "run" and "post" in record["metrics"]
+        shared = record["config"].get("train_activations")
+        if record["config"]["train_turns"]:  # every cell that meta-trains is given its order's shared file
+            # (empty here: the tiny model edits layer 0, so no layer is below the edits; the CLI tests
+            # replay one on a model edited above its first layer)
+            assert shared and shared["path"].endswith(".train.safetensors"), (path, shared)
+            assert shared["replayed"] <= shared["mini_batches"], (path, shared)
+            training_cells += 1
+        else:
+            assert shared is None, path
+    assert training_cells, "no cell of the tiny grid meta-trains"
     res = snakemake(*args, "-n")
     assert "Nothing to be done" in res.stdout + res.stderr

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 
 from emsedit.models import snapshot_weights
+from emsedit.prefix_cache import warm_turns
 from emsedit.progress import Progress
 
 if TYPE_CHECKING:
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
 
 class TrainingSchedules:
     """Meta-training of an :class:`~emsedit.editors.base.Editor` with its resolved ``schedule``."""
+
+    @property
+    def training_kinds(self) -> tuple[str, ...]:
+        """The mini-batch lists meta-training passes over: edit prompts (caching), paraphrases (edit
+        loss) and, with the KL loss only, locality prompts."""
+        return ("edit", "equiv", "unrel") if self.hp.loss == "kl" else ("edit", "equiv")
 
     # ------------------------------------------------------------------ one training step
     def _train_shift(self, turn: Turn, step: int) -> tuple[StepCache, Shifts] | None:
@@ -113,9 +120,14 @@ class TrainingSchedules:
         }[self.schedule]
         units = [(epoch, t) for epoch in range(self.hp.n_epochs) for t in range(len(turns))]
         bar = Progress(f"meta-train {self.hp.name}", len(units), initial=start)
+        warmed = 0  # training turns whose lower layers are known (computed, or replayed from a file)
         for unit, (epoch, t) in enumerate(units):
             if unit < start:
                 continue
+            if warmed <= t:  # before any pass touches them, in the grouping a shared file uses
+                with self.timer.phase("train_lower_layers"):
+                    warm_turns(self.model, turns[warmed:t + 1], self.training_kinds)
+                warmed = t + 1
             if t == 0 and epoch > 0:
                 self.restore_weights()  # each epoch's rollout starts from the original weights
             schedule(turns, t, last=(t == len(turns) - 1))

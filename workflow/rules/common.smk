@@ -254,9 +254,11 @@ def unedited_inputs(wildcards):
 
 def run_inputs(wildcards):
     """Inputs of one experiment cell: its edit order, the shared unedited scores and lower-layer
-    activations, model and data."""
+    activations (of its eval requests, and of its training requests when it trains), model and data."""
     n = n_from_cell(wildcards)
+    train_prefix = train_prefix_path(cell_of(wildcards))
     return {
+        **({"train_prefix": train_prefix} if train_prefix else {}),
         "order": grid.ORDER_PATTERN.format(dataset=wildcards.dataset, n=n, seed=wildcards.seed),
         "pre": grid.PRE_PATTERN.format(
             dataset=wildcards.dataset, model=wildcards.model, n=n, edits=wildcards.edits, seed=wildcards.seed
@@ -267,6 +269,63 @@ def run_inputs(wildcards):
         "model": model_dir(wildcards.model),
         "data": manifest_path(wildcards.dataset),
     }
+
+
+def training_turns(cell):
+    """How many training turns a cell meta-trains on (0: training-free), resolved as `run` resolves
+    them from the editor declaration, without importing the editor classes: a batch schedule trains on
+    `max_steps` turns, a rollout on as many turns as it edits (schedule auto: rollout when sequential)."""
+    hp = EDITORS[cell.editor].hp
+    overrides = grid.variant_overrides(config, cell.variant, cell.editor)
+    schedule = str(overrides.get("schedule", hp.schedule))
+    if schedule == "none":
+        return 0
+    if cell.train_turns != "default":
+        return int(cell.train_turns)
+    if schedule == "auto":
+        schedule = "batch" if cell.protocol == "batch" else "rollout"
+    return int(overrides.get("max_steps", hp.max_steps)) if schedule == "batch" else cell.turns
+
+
+def _training_shares():
+    """Per (dataset, model, edits, seed): the most training turns any of its cells uses. Off (empty)
+    when share_prefix_mb is 0."""
+    shares = {}
+    if not config["share_prefix_mb"]:
+        return shares
+    for cell in CELLS:
+        turns = training_turns(cell)
+        key = (cell.dataset, cell.model, cell.edits, cell.seed)
+        if turns:
+            shares[key] = max(turns, shares.get(key, 0))
+    return shares
+
+
+TRAINING_SHARES = _training_shares()
+
+
+def train_prefix_path(cell):
+    """The shared training-activation file a cell replays, or None (training-free, or sharing off)."""
+    key = (cell.dataset, cell.model, cell.edits, cell.seed)
+    if key not in TRAINING_SHARES or not training_turns(cell):
+        return None
+    return grid.TRAIN_PREFIX_PATTERN.format(dataset=cell.dataset, model=cell.model, edits=cell.edits,
+                                            seed=cell.seed, train_turns=TRAINING_SHARES[key])
+
+
+def cell_of(wildcards):
+    """The grid cell a run_cell job computes."""
+    return CELL_BY_PATH[grid.RUN_PATTERN.format(**{k: wildcards[k] for k in grid.CELL_KEYS})]
+
+
+def share_training_inputs(wildcards):
+    """Inputs of the shared training-activation job: the model and the data."""
+    return {"model": model_dir(wildcards.model), "data": manifest_path(wildcards.dataset)}
+
+
+def train_prefix_option(wildcards, input):
+    """`--train-prefix-in FILE` when the cell replays shared training activations."""
+    return f"--train-prefix-in {shlex.quote(input.train_prefix)}" if "train_prefix" in input.keys() else ""
 
 
 def run_options(wildcards):

@@ -1,6 +1,7 @@
 # Stage 3: the unedited model's scores on each seeded edit order (computed once, shared by every
 # cell with that dataset, model, number of edits, edits per turn and seed), with the activations of
-# the layers no edit changes on those requests (replayed by the cells), then one job per cell.
+# the layers no edit changes on those requests (replayed by the cells); the same activations of each
+# seeded training order (shared by the cells that meta-train on a prefix of it); then one job per cell.
 
 
 rule evaluate_unedited:
@@ -30,6 +31,30 @@ rule evaluate_unedited:
         " --out {output.pre} > {log} 2>&1"
 
 
+rule share_training:
+    conda:
+        "../envs/emsedit.yaml"
+    input:
+        unpack(share_training_inputs),
+    output:
+        grid.TRAIN_PREFIX_PATTERN,
+    params:
+        model=model_arg,
+        dataset=dataset_arg,
+        prefix_mb=config["share_prefix_mb"],
+    log:
+        f"logs/pre/{grid.TRAIN_PREFIX_STEM}.train.log",
+    benchmark:
+        f"results/benchmarks/pre/{grid.TRAIN_PREFIX_STEM}.train.tsv"
+    threads: config["threads"]
+    resources:
+        **rule_resources("share_training", threads=config["threads"]),
+    shell:
+        "python -m emsedit share-training --model {params.model} --dataset {params.dataset}"
+        " --seed {wildcards.seed} --edits {wildcards.edits} --train-turns {wildcards.train_turns}"
+        " --threads {threads} --prefix-max-mb {params.prefix_mb} --out {output} > {log} 2>&1"
+
+
 rule run_cell:
     conda:
         "../envs/emsedit.yaml"
@@ -43,6 +68,7 @@ rule run_cell:
         dataset=dataset_arg,
         options=run_options,
         checkpoints=checkpoint_dir,
+        train_prefix=train_prefix_option,
     log:
         f"logs/runs/{grid.CELL_STEM}.log",
     benchmark:
@@ -55,5 +81,6 @@ rule run_cell:
         " --dataset {params.dataset} --protocol {wildcards.protocol} --turns {wildcards.turns}"
         " --edits {wildcards.edits} --steps {wildcards.steps} --loss {wildcards.loss}"
         " --seed {wildcards.seed} --order {input.order} --pre {input.pre} --prefix-in {input.prefix}"
+        " {params.train_prefix}"
         " --threads {threads}"
         " --checkpoint-dir {params.checkpoints} {params.options} --out {output} > {log} 2>&1"

@@ -20,7 +20,7 @@ from emsedit.registry import REPO_CONFIG_DIR, workflow_declarations
 from studies import GENERATED_METRICS, GENERATED_PREFIX, METRICS, PROBES, QUALITY  # declared once, with the studies
 
 TIMING_KEYS = [
-    "load_model", "train_cache", "train_predict_shift", "train_edit_loss", "train_locality_loss",
+    "load_model", "train_lower_layers", "train_cache", "train_predict_shift", "train_edit_loss", "train_locality_loss",
     "train_hypernet_update", "train_total", "edit_cache", "edit_predict_shift", "edit_apply",
     "edit_total", "evaluate_pre", "evaluate_post", "total",
 ]

@@ -47,6 +47,11 @@ PRE_PATTERN = f"results/pre/{PRE_STEM}.json"
 # Beside it, the unedited lower layers' activations on those requests, replayed by the cells.
 PREFIX_PATTERN = f"results/pre/{PRE_STEM}.prefix.safetensors"
 
+# The unedited lower layers' activations of a seeded training order's first {train_turns} turns of {edits}
+# requests, replayed by every cell of that model, dataset, seed and edits that meta-trains on a prefix of it.
+TRAIN_PREFIX_STEM = "{dataset}/{model}/train{train_turns}xN{edits}_seed{seed}"
+TRAIN_PREFIX_PATTERN = f"results/pre/{TRAIN_PREFIX_STEM}.train.safetensors"
+
 # Keys a grid entry may set; each takes a scalar or a list (lists are crossed).
 GRID_KEYS = (
     "dataset", "model", "protocol", "editor", "steps", "loss", "hypernetworks",
