@@ -11,16 +11,27 @@ mini-batch as a plain implementation runs them (the run itself joins mini-batche
 wall time split by phase, its peak RSS, the ratio run / bare passes, and run + shared evaluation
 (what one cell costs when nothing else shares that evaluation job).
 
+Compute floors (``benchmarks/floor.py``): it measures fp32 matmul throughput at ``--threads``
+(``machine.matmul_gflops``) and counts the passes of the shared evaluation (in this process) and of each
+cell's run (in its fresh process) with hooks on the model they load; each cell's ``floor`` block gives,
+for both, ``measured_s`` (``timings.total`` − ``load_model``, as ``shared_evaluate_s`` / ``run_s_excl_load``),
+``floor_s`` (unavoidable FLOPs / throughput), their ``ratio``, the FLOPs by part and the counts.
+``wall_s`` stays the fresh process's wall time; ``--quick`` runs all of this on a tiny model in seconds.
+
     python benchmarks/run_benchmarks.py --out benchmarks/results/benchmarks.json
+    python benchmarks/run_benchmarks.py --quick      # tiny model: benchmarks/results/quick.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +75,18 @@ FIDELITY = [
      "edits": 20, "steps": 2, "set": _KL_AT_EDITED},
 ]
 CELLS += [{"authors_s": None, "bare": False, "fidelity": True, **c} for c in FIDELITY]
+# `--quick`: the whole path (shared evaluation, fresh-process cells, bare passes, floors) on a tiny
+# 4-layer Llama whose two upper layers are edited, and a 40 + 40 request dataset; seconds per cell.
+_TINY = {"rank": 8, "lr": 100}
+QUICK_CELLS = [
+    {"id": "quick_emsedit_seq_2x4_S2", "editor": "emsedit", "protocol": "sequential", "turns": 2, "edits": 4,
+     "steps": 2, "set": _TINY},
+    {"id": "quick_rledit_seq_2x4_S1", "editor": "rledit", "protocol": "sequential", "turns": 2, "edits": 4,
+     "steps": 1, "set": _TINY},
+    {"id": "quick_malmen_batch_8_S1", "editor": "malmen", "protocol": "batch", "turns": 1, "edits": 8,
+     "steps": 1, "set": _TINY},
+]
+QUICK_CELLS = [{"authors_s": None, "quick": True, **c} for c in QUICK_CELLS]
 
 
 def _time(fn) -> float:
@@ -72,7 +95,8 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def bare_passes(record: dict, model_name: str, dataset: str, threads: int) -> dict[str, float]:
+def bare_passes(record: dict, model_name: str, dataset: str, threads: int,
+                data_dir: str = "resources/data") -> dict[str, float]:
     """Seconds of the transformer passes the cell cannot avoid, measured on its own batches."""
     import torch
 
@@ -90,7 +114,7 @@ def bare_passes(record: dict, model_name: str, dataset: str, threads: int) -> di
     ds = load_dataset_config(dataset)
     edits, turns, steps = cfg["edits"], cfg["turns"], cfg["steps"]
     train_turns = cfg["train_turns"]
-    plan = plan_data(ds, n_eval=turns * edits, n_train=train_turns * edits, seed=cfg["seed"])
+    plan = plan_data(ds, n_eval=turns * edits, n_train=train_turns * edits, seed=cfg["seed"], data_dir=data_dir)
     eval_turns = build_turns(pick(plan.eval_requests, plan.edit_order), tok, edits, split="eval",
                              lm_batch_size=4, old_label_pad=0)
     train = build_turns(pick(plan.train_requests, plan.train_order), tok, edits, split="train",
@@ -129,26 +153,100 @@ def bare_passes(record: dict, model_name: str, dataset: str, threads: int) -> di
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def run_one(cell: dict, args: argparse.Namespace) -> dict:
-    """Run one benchmark cell in this process and measure its bare passes."""
-    from emsedit.plans import iteration_control, load_editor
-    from emsedit.protocols import CellOptions, run_cell
+@contextmanager
+def counted_setup() -> Iterator[dict]:
+    """Count the transformer passes of the cell run inside: patches ``emsedit.protocols._setup`` (what
+    :func:`evaluate_cell` and :func:`run_cell` load their model with) to hook
+    :func:`benchmarks.floor.count_passes` on the model it returns. Yields a dict that holds, once the
+    model is loaded, ``counts`` (:class:`benchmarks.floor.PassCounts`) and ``config`` (the HF config)."""
+    from benchmarks.floor import count_passes
+    from emsedit import protocols
 
-    shape = f"{cell['turns']}x{cell['edits']}"
-    opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, protocol=cell["protocol"],
-                       turns=cell["turns"], edits=cell["edits"], threads=args.threads,
-                       pre_record=str(Path(args.workdir) / f"pre_{shape}.json"),
-                       prefix_in=str(Path(args.workdir) / f"pre_{shape}.prefix.safetensors"))
-    shared_t = json.loads(Path(opts.pre_record).read_text())["timings"]
-    shared_s = shared_t["total"] - shared_t.get("load_model", 0.0)
+    original = protocols._setup
+    found: dict = {}
+    with ExitStack() as hooks:
+        def setup(opts):
+            model_cfg, model, tokenizer, modules, load_s = original(opts)
+            found["counts"] = hooks.enter_context(count_passes(model))
+            found["config"] = model.config
+            return model_cfg, model, tokenizer, modules, load_s
+
+        protocols._setup = setup
+        try:
+            yield found
+        finally:
+            protocols._setup = original
+
+
+def counted_floor(found: dict, measured_s: float) -> dict:
+    """The floor block of a counted job, without the throughput: measured seconds, FLOPs, counts."""
+    from benchmarks.floor import floor_flops
+
+    return {"measured_s": round(measured_s, 3), "flops": floor_flops(found["counts"], found["config"]),
+            "counts": found["counts"].summary()}
+
+
+def with_floor_seconds(block: dict, gflops: float) -> dict:
+    """A :func:`counted_floor` block with ``floor_s`` and ``ratio`` (measured / floor) at ``gflops``."""
+    from benchmarks.floor import floor_seconds
+
+    floor_s = floor_seconds(block["flops"], gflops)
+    return {"measured_s": block["measured_s"], "floor_s": float(f"{floor_s:.4g}"),
+            "ratio": round(block["measured_s"] / floor_s, 2) if floor_s > 0 else None,
+            "flops": block["flops"], "counts": block["counts"]}
+
+
+# The metric views the workflow's default config computes (config.yaml eval_metrics).
+METRICS = "teacher_forced"
+
+
+def cell_hparams(cell: dict):
+    """The cell's editor hyperparameters (with its overrides and iteration control)."""
+    from emsedit.plans import iteration_control, load_editor
+
     hp = load_editor(cell["editor"], {"steps": cell["steps"], **cell.get("set", {})})
     if cell.get("match_iterations"):
         hp = iteration_control(hp, cell["protocol"], cell["match_iterations"])
-    start = time.perf_counter()
-    record = run_cell(hp, opts)
-    wall = time.perf_counter() - start
+    return hp
+
+
+def training_turns(cell: dict) -> int:
+    """How many training turns of ``edits`` requests the cell meta-trains on (0: training-free)."""
+    from emsedit.protocols import CellOptions, resolve_train_turns
+    from emsedit.registry import editor_class
+
+    hp = cell_hparams(cell)
+    schedule = editor_class(hp.name).resolve_schedule(hp, cell["protocol"])
+    return resolve_train_turns(schedule, hp, CellOptions(model="", dataset="", seed=0, turns=cell["turns"],
+                                                         edits=cell["edits"]))
+
+
+def shared_training_file(workdir: str, edits: int, turns: int) -> Path:
+    """The shared training-activation file of ``turns`` turns of ``edits`` (as the workflow's
+    ``share_training`` job writes it for the cells of one order)."""
+    return Path(workdir) / f"train_{turns}xN{edits}.safetensors"
+
+
+def run_one(cell: dict, args: argparse.Namespace) -> dict:
+    """Run one benchmark cell in this process (its passes counted) and measure its bare passes."""
+    from emsedit.protocols import CellOptions, run_cell
+
+    shape = f"{cell['turns']}x{cell['edits']}"
+    hp = cell_hparams(cell)
+    train = shared_training_file(args.workdir, cell["edits"], args.cell_train_turns)
+    opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, protocol=cell["protocol"],
+                       turns=cell["turns"], edits=cell["edits"], threads=args.threads, data_dir=args.data_dir,
+                       pre_record=str(Path(args.workdir) / f"pre_{shape}.json"),
+                       prefix_in=str(Path(args.workdir) / f"pre_{shape}.prefix.safetensors"),
+                       train_prefix_in=str(train) if train.exists() else None, metrics=METRICS)
+    shared_t = json.loads(Path(opts.pre_record).read_text())["timings"]
+    shared_s = shared_t["total"] - shared_t.get("load_model", 0.0)
+    with counted_setup() as found:
+        start = time.perf_counter()
+        record = run_cell(hp, opts)
+        wall = time.perf_counter() - start
     measure_bare = cell.get("bare", True) and not args.no_bare
-    bare = bare_passes(record, args.model, args.dataset, args.threads) if measure_bare else None
+    bare = bare_passes(record, args.model, args.dataset, args.threads, args.data_dir) if measure_bare else None
     t = record["timings"]
     run_s = t["total"] - t.get("load_model", 0.0) - t.get("evaluate_pre", 0.0)
     post, pre = record["metrics"]["post"], record["metrics"]["pre"]
@@ -156,6 +254,7 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
         "cell": cell["id"], "wall_s": round(wall, 2), "run_s_excl_load": round(run_s, 2),
         "shared_evaluate_s": round(shared_s, 2), "run_plus_shared_s": round(run_s + shared_s, 2),
         "prefix_activations": record["config"].get("prefix_activations"),
+        "train_activations": record["config"].get("train_activations"),
         "timings": t, "peak_rss_mb": record["peak_rss_mb"], "bare_passes_s": bare,
         "ratio_to_bare": round(run_s / bare["total"], 3) if bare and bare["total"] else None,
         "authors_s": cell["authors_s"],
@@ -165,58 +264,170 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
         "adam_iterations": record["training"]["adam_iterations"],
         "editor_overrides": {**cell.get("set", {}), **({"match_iterations": cell["match_iterations"]}
                                                          if cell.get("match_iterations") else {})},
+        "floor": {"run": counted_floor(found, run_s)},  # main adds shared_evaluate and the seconds
     }
+
+
+def matmul_shape(model_name: str) -> dict[str, int]:
+    """``hidden`` and ``inner`` (MLP width) of the model from its HF config, for the throughput
+    measurement; {} (SmolLM2's shapes) when the config cannot be read without loading the model."""
+    from transformers import AutoConfig
+
+    from emsedit.config import ModelConfig, find_config
+    from emsedit.models import resolve_name_or_path
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_name_or_path(ModelConfig.from_yaml(find_config("models", model_name))))
+    except (OSError, ValueError):
+        return {}
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or (hidden and 4 * hidden)
+    return {"hidden": int(hidden), "inner": int(inner)} if hidden and inner else {}
+
+
+_QUICK_SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "England", "Russia", "China", "Canada", "Egypt",
+                   "Brazil", "Greece", "Finland", "Austria", "Asia", "Africa", "Europe", "Paris", "London", "Rome"]
+_QUICK_TARGETS = ["Paris", "London", "Rome", "French", "German", "Japan", "river", "show"]
+
+
+def quick_setup(workdir: Path) -> tuple[str, str, str]:
+    """``--quick``'s model and dataset, written once under ``workdir``: a tiny random 4-layer Llama
+    (layers 2-3's mlp.down_proj edited, so layers 0-1 are shared lower layers) and 40 + 40 zsRE requests
+    in its vocabulary (as tests/test_cli_run.py's fixture). Returns (model yaml, dataset yaml, data dir)."""
+    import yaml
+
+    from emsedit.tiny import make_tiny_llama, make_tokenizer
+
+    root = (workdir / "tiny").resolve()
+    model_dir, data = root / "tiny-llama-4", root / "data"
+    if not (model_dir / "config.json").is_file():
+        tokenizer = make_tokenizer("llama")
+        make_tiny_llama(tokenizer, seed=0, n_layers=4).save_pretrained(model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+    model_yaml = root / "tiny-llama-4.yaml"
+    model_yaml.write_text(yaml.safe_dump({"name": "tiny-llama-4", "name_or_path": str(model_dir),
+                                          "edit_modules": ["model.layers.{2..3}.mlp.down_proj"],
+                                          "dtype": "float32"}, sort_keys=False))
+    data.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, offset in (("train", 0), ("eval", 40)):
+        records = [{"src": f"The capital of {_QUICK_SUBJECTS[i % 20]}", "ans": _QUICK_TARGETS[i % 8],
+                    "rephrase": f"What is the capital of {_QUICK_SUBJECTS[i % 20]}",
+                    "loc": f"The language spoken in {_QUICK_SUBJECTS[i % 20]}", "loc_ans": "French"}
+                   for i in range(offset, offset + 40)]
+        path = data / f"tiny_zsre_{split}.json"
+        path.write_text(json.dumps(records, indent=1))
+        files[split] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "url": None}
+    dataset_yaml = root / "tiny-zsre.yaml"
+    dataset_yaml.write_text(yaml.safe_dump({"name": "tiny-zsre", "kind": "zsre", **files}))
+    return str(model_yaml), str(dataset_yaml), str(data)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/benchmarks.json", help="where to write the numbers")
+    parser.add_argument("--out", help="where to write the numbers (default: benchmarks/results/benchmarks.json; "
+                        "with --quick, benchmarks/results/quick.json)")
     parser.add_argument("--model", default="smollm2-135m", help="model config (default: smollm2-135m)")
     parser.add_argument("--dataset", default="zsre", help="dataset config (default: zsre)")
     parser.add_argument("--seed", type=int, default=0, help="edit-order seed")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--cells", nargs="*", help="only these cell ids")
-    parser.add_argument("--workdir", default="benchmarks/results/work", help="scratch folder")
+    parser.add_argument("--workdir", help="scratch folder (default: benchmarks/results/work; with --quick, "
+                        "benchmarks/results/quick-work)")
+    parser.add_argument("--data-dir", default="resources/data", help="where the dataset files are")
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick cells on a tiny model and dataset (seconds): checks the whole path")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-pass measurement (scores and run times only)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one cell in this process
+    parser.add_argument("--cell-train-turns", type=int, default=0, help=argparse.SUPPRESS)  # internal: its shared file
     args = parser.parse_args()
+    args.out = args.out or f"benchmarks/results/{'quick' if args.quick else 'benchmarks'}.json"
+    args.workdir = args.workdir or f"benchmarks/results/{'quick-work' if args.quick else 'work'}"
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.one:
-        cell = next(c for c in CELLS if c["id"] == args.one)
+        cell = next(c for c in CELLS + QUICK_CELLS if c["id"] == args.one)
         print(json.dumps(run_one(cell, args)))
         return 0
-    from emsedit.protocols import CellOptions, evaluate_cell
+    from benchmarks.floor import matmul_gflops
+    from emsedit.protocols import CellOptions, evaluate_cell, share_training
     from emsedit.records import write_json_atomic
 
-    cells = [c for c in CELLS if not args.cells or c["id"] in args.cells
+    if args.quick:
+        args.model, args.dataset, args.data_dir = quick_setup(Path(args.workdir))
+    shapes = matmul_shape(args.model)
+    gflops = matmul_gflops(args.threads, **shapes)
+    matmul = {"matmul_gflops": round(gflops, 2),
+              "matmul_shape": {"rows": 320, "hidden": shapes.get("hidden", 576), "inner": shapes.get("inner", 1536)}}
+    print(f"matmul throughput: {gflops:.1f} GFLOP/s at {args.threads} threads "
+          f"(fp32 F.linear, {matmul['matmul_shape']})", flush=True)
+    pool = QUICK_CELLS if args.quick else CELLS
+    cells = [c for c in pool if not args.cells or c["id"] in args.cells
              or ("fidelity" in args.cells and c.get("fidelity"))]
     results = []
     for shape in sorted({(c["turns"], c["edits"]) for c in cells}):
         pre = Path(args.workdir) / f"pre_{shape[0]}x{shape[1]}.json"
         prefix = pre.with_suffix(".prefix.safetensors")
-        if not (pre.exists() and prefix.exists()):
+        counted = pre.with_suffix(".floor.json")  # the shared job's counted floor (FLOPs, no seconds)
+        fresh = (counted.exists() and json.loads(counted.read_text()).get("model") == args.model
+                 and json.loads(pre.read_text())["config"].get("eval_metrics", {}).get("views") == METRICS.split(","))
+        if not (pre.exists() and prefix.exists() and fresh):
             opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, turns=shape[0],
-                               edits=shape[1], threads=args.threads, prefix_out=str(prefix))
-            write_json_atomic(pre, evaluate_cell(opts))
+                               edits=shape[1], threads=args.threads, prefix_out=str(prefix), data_dir=args.data_dir,
+                               metrics=METRICS)
+            with counted_setup() as found:
+                record = evaluate_cell(opts)
+            write_json_atomic(pre, record)
+            t = record["timings"]
+            write_json_atomic(counted, {"model": args.model,
+                                        **counted_floor(found, t["total"] - t.get("load_model", 0.0))})
+    # The workflow's share_training job: one file per edits-per-turn, covering the most training turns of
+    # its cells (each cell replays the prefix it needs)
+    train_turns = {}
+    for cell in cells:
+        train_turns[cell["edits"]] = max(train_turns.get(cell["edits"], 0), training_turns(cell))
+    shared_training = {}
+    for edits, turns in sorted(train_turns.items()):
+        if not turns:
+            continue
+        out = shared_training_file(args.workdir, edits, turns)
+        counted = out.with_suffix(".floor.json")
+        if not (out.exists() and counted.exists() and json.loads(counted.read_text()).get("model") == args.model):
+            opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, edits=edits, train_turns=turns,
+                               threads=args.threads, data_dir=args.data_dir)
+            with counted_setup() as found:
+                done = share_training(opts, str(out))
+            write_json_atomic(counted, {"model": args.model, "mini_batches": done["mini_batches"],
+                                        **counted_floor(found, done["lower_layers"])})
+        shared_training[edits] = json.loads(counted.read_text())
     for cell in cells:
         cmd = [sys.executable, __file__, "--one", cell["id"], "--model", args.model, "--dataset", args.dataset,
+               "--cell-train-turns", str(train_turns.get(cell["edits"], 0)),
                "--seed", str(args.seed), "--threads", str(args.threads), "--workdir", args.workdir,
-               *(["--no-bare"] if args.no_bare else [])]
+               "--data-dir", args.data_dir, *(["--no-bare"] if args.no_bare else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
+        shared = json.loads((Path(args.workdir) / f"pre_{cell['turns']}x{cell['edits']}.floor.json").read_text())
+        r["floor"] = {"shared_evaluate": with_floor_seconds(shared, gflops),
+                      "run": with_floor_seconds(r["floor"]["run"], gflops)}
+        if r["train_activations"]:  # the shared training job (its seconds: computing the lower layers)
+            r["floor"]["shared_training"] = with_floor_seconds(shared_training[cell["edits"]], gflops)
+            r["shared_training_s"] = r["floor"]["shared_training"]["measured_s"]
         bare = f"bare passes {r['bare_passes_s']['total']} s, ratio {r['ratio_to_bare']}" if r["bare_passes_s"] else "no bare passes"
+        fl = r["floor"]
         print(f"{r['cell']}: run {r['run_s_excl_load']} s (+ shared evaluation {r['shared_evaluate_s']} s; "
               f"{bare}), peak {r['peak_rss_mb']} MB, authors {r['authors_s']}; pre {r['metrics']['pre']} "
-              f"post {r['metrics']['post']}, {r['adam_iterations']} Adam iterations", flush=True)
-        _write(args.out, args.threads, results)
+              f"post {r['metrics']['post']}, {r['adam_iterations']} Adam iterations; floor: run "
+              f"{fl['run']['floor_s']} s (measured / floor {fl['run']['ratio']}), shared evaluation "
+              f"{fl['shared_evaluate']['floor_s']} s (ratio {fl['shared_evaluate']['ratio']})", flush=True)
+        _write(args.out, args.threads, results, matmul)
     return 0
 
 
-def _write(out: str, threads: int, results: list[dict]) -> None:
+def _write(out: str, threads: int, results: list[dict], matmul: dict | None = None) -> None:
     """The JSON so far (rewritten after every cell, so an interrupted benchmark keeps its cells)."""
     import os
     import platform
@@ -226,7 +437,7 @@ def _write(out: str, threads: int, results: list[dict]) -> None:
     from emsedit.records import git_commit, write_json_atomic
 
     write_json_atomic(out, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "torch": torch.__version__, "threads": threads},
+                                        "torch": torch.__version__, "threads": threads, **(matmul or {})},
                             "git_commit": git_commit(), "results": results})
 
 

@@ -216,9 +216,10 @@ def _train_prefix_meta(model_cfg: ModelConfig, plan: DataPlan, edits: int, lm_ba
             "train_sha256": plan.files["train"]["sha256"], "edits": str(edits), "lm_batch_size": str(lm_batch_size)}
 
 
-def share_training(opts: CellOptions, out: str, *, lm_batch_size: int = 4) -> int:
+def share_training(opts: CellOptions, out: str, *, lm_batch_size: int = 4) -> dict[str, float]:
     """Write the lower layers' activations of the first ``opts.train_turns`` training turns of the seeded
-    training order (``share-training``); return how many mini-batches were written.
+    training order (``share-training``); return how many mini-batches were written (``mini_batches``)
+    and the seconds spent loading the model (``load_model``) and computing them (``lower_layers``).
 
     Every cell of this model, dataset, seed and turn structure that meta-trains on a prefix of that
     order replays them (``run --train-prefix-in``): its record is the one it would compute itself.
@@ -241,9 +242,10 @@ def share_training(opts: CellOptions, out: str, *, lm_batch_size: int = 4) -> in
     meta = {**_train_prefix_meta(model_cfg, plan, opts.edits, lm_batch_size),
             "train_order": json.dumps(plan.train_order)}
     written = save_shared(out, model, meta, max_bytes=int(opts.prefix_max_mb * 2**20))
+    layers_s = time.perf_counter() - start
     log.info("%d training turns of %d: %d mini-batches written to %s (model %.1f s, layers %.1f s)",
-             len(turns), opts.edits, written, out, load_s, time.perf_counter() - start)
-    return written
+             len(turns), opts.edits, written, out, load_s, layers_s)
+    return {"mini_batches": written, "load_model": load_s, "lower_layers": layers_s}
 
 
 def _check_train_prefix(opts: CellOptions, plan: DataPlan, model_cfg: ModelConfig, lm_batch_size: int) -> None:
