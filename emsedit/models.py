@@ -9,10 +9,10 @@ its weight as (out, in), so its (in, out) view is the transpose; GPT-2's ``Conv1
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.metadata
 import importlib.util
 import itertools
-import hashlib
 import json
 import os
 import re

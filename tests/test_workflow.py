@@ -190,6 +190,28 @@ def test_paper_grid_uses_per_protocol_models():
     assert ("zsre-paper", "batch", 1, 16384) in main and ("counterfact-paper", "batch", 1, 8192) in main
 
 
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
+def test_training_turns_of_the_grid_agree_with_the_library(name):
+    """The workflow sizes each shared training-activation file from grid.training_turns; it must give
+    what `run` resolves for every cell (emsedit.protocols.resolve_train_turns, the editor's schedule)."""
+    from emsedit.plans import load_editor
+    from emsedit.protocols import CellOptions, resolve_train_turns
+    from emsedit.registry import editor_class
+
+    config = load(ROOT / "config" / name)
+    cells = grid.unique_cells(grid.expand(config))
+    trains = 0
+    for cell in cells:
+        overrides = grid.variant_overrides(config, cell.variant, cell.editor)
+        hp = load_editor(cell.editor, overrides)
+        opts = CellOptions(model="", dataset="", seed=0, protocol=cell.protocol, turns=cell.turns, edits=cell.edits,
+                           train_turns=None if cell.train_turns == "default" else int(cell.train_turns))
+        want = resolve_train_turns(editor_class(hp.name).resolve_schedule(hp, cell.protocol), hp, opts)
+        assert grid.training_turns(cell, hp.schedule, hp.max_steps) == want, cell
+        trains += want > 0
+    assert 0 < trains < len(cells)  # both kinds occur: training-free (UltraEdit) and trained cells
+
+
 def test_seed_intervals_and_labels():
     """The tables' t-intervals over seeds (the claims' tests: tests/test_claim_statistics.py)."""
     hw = seed_statistics.t_halfwidth([1.0, 2.0, 3.0])

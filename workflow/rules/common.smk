@@ -272,19 +272,12 @@ def run_inputs(wildcards):
 
 
 def training_turns(cell):
-    """How many training turns a cell meta-trains on (0: training-free), resolved as `run` resolves
-    them from the editor declaration, without importing the editor classes: a batch schedule trains on
-    `max_steps` turns, a rollout on as many turns as it edits (schedule auto: rollout when sequential)."""
+    """How many training turns a cell meta-trains on (0: training-free; grid.training_turns), from its
+    editor declaration and variant overrides."""
     hp = EDITORS[cell.editor].hp
     overrides = grid.variant_overrides(config, cell.variant, cell.editor)
-    schedule = str(overrides.get("schedule", hp.schedule))
-    if schedule == "none":
-        return 0
-    if cell.train_turns != "default":
-        return int(cell.train_turns)
-    if schedule == "auto":
-        schedule = "batch" if cell.protocol == "batch" else "rollout"
-    return int(overrides.get("max_steps", hp.max_steps)) if schedule == "batch" else cell.turns
+    return grid.training_turns(cell, str(overrides.get("schedule", hp.schedule)),
+                               int(overrides.get("max_steps", hp.max_steps)))
 
 
 def _training_shares():

@@ -105,6 +105,20 @@ class Cell:
                                      seed=self.seed)
 
 
+def training_turns(cell: Cell, schedule: str, max_steps: int) -> int:
+    """How many training turns a cell meta-trains on (0: training-free), as `run` resolves them
+    (emsedit.protocols.resolve_train_turns with the editor class's schedule) without importing the
+    editor classes: the grid's own train_turns, else `max_steps` for the batch schedule and as many
+    turns as it edits for a rollout (schedule `auto`: rollout when sequential, batch in batch editing)."""
+    if schedule == "none":
+        return 0
+    if cell.train_turns != "default":
+        return int(cell.train_turns)
+    if schedule == "auto":
+        schedule = "batch" if cell.protocol == "batch" else "rollout"
+    return max_steps if schedule == "batch" else cell.turns
+
+
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
