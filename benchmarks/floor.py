@@ -120,7 +120,7 @@ def _get(config: Any, *names: str) -> Any:
 
 
 def layer_sizes(config: Any) -> dict[str, int]:
-    """Sizes the floor needs from an HF model config (object or dict): ``hidden``, ``layers``,
+    """Sizes the floor needs from an HF model config (object or dict): ``hidden``, ``inner`` (MLP width), ``layers``,
     ``vocab``, ``q_dim`` (heads × head dim) and ``layer_params`` (a decoder layer's linear parameters).
 
     Llama-style configs (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
@@ -138,13 +138,14 @@ def layer_sizes(config: Any) -> dict[str, int]:
         head_dim = int(_get(config, "head_dim") or d // int(heads))
         q_dim, kv_dim = int(heads) * head_dim, kv_heads * head_dim
         params = d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * inner
-        return {"hidden": d, "layers": int(layers), "vocab": int(vocab), "q_dim": q_dim, "layer_params": params}
+        return {"hidden": d, "inner": inner, "layers": int(layers), "vocab": int(vocab), "q_dim": q_dim,
+                "layer_params": params}
     if _get(config, "n_embd") is not None and _get(config, "n_layer") is not None:
         d = int(_get(config, "n_embd"))
         inner = int(_get(config, "n_inner") or 4 * d)
         if vocab is None:
             raise ValueError("a GPT-2 style config needs vocab_size")
-        return {"hidden": d, "layers": int(_get(config, "n_layer")), "vocab": int(vocab), "q_dim": d,
+        return {"hidden": d, "inner": inner, "layers": int(_get(config, "n_layer")), "vocab": int(vocab), "q_dim": d,
                 "layer_params": 4 * d * d + 2 * d * inner}
     raise ValueError("unsupported model config for the compute floor: need Llama-style fields (hidden_size, "
                      "intermediate_size, num_hidden_layers, num_attention_heads, vocab_size) or GPT-2 style "

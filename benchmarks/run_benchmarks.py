@@ -276,27 +276,23 @@ def matmul_shape(model_name: str) -> dict[str, int]:
     from emsedit.config import ModelConfig, find_config
     from emsedit.models import resolve_name_or_path
 
+    from benchmarks.floor import layer_sizes
+
     try:
-        cfg = AutoConfig.from_pretrained(resolve_name_or_path(ModelConfig.from_yaml(find_config("models", model_name))))
+        sizes = layer_sizes(AutoConfig.from_pretrained(
+            resolve_name_or_path(ModelConfig.from_yaml(find_config("models", model_name)))))
     except (OSError, ValueError):
         return {}
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
-    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or (hidden and 4 * hidden)
-    return {"hidden": int(hidden), "inner": int(inner)} if hidden and inner else {}
-
-
-_QUICK_SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "England", "Russia", "China", "Canada", "Egypt",
-                   "Brazil", "Greece", "Finland", "Austria", "Asia", "Africa", "Europe", "Paris", "London", "Rome"]
-_QUICK_TARGETS = ["Paris", "London", "Rome", "French", "German", "Japan", "river", "show"]
+    return {"hidden": sizes["hidden"], "inner": sizes["inner"]}
 
 
 def quick_setup(workdir: Path) -> tuple[str, str, str]:
     """``--quick``'s model and dataset, written once under ``workdir``: a tiny random 4-layer Llama
     (layers 2-3's mlp.down_proj edited, so layers 0-1 are shared lower layers) and 40 + 40 zsRE requests
-    in its vocabulary (as tests/test_cli_run.py's fixture). Returns (model yaml, dataset yaml, data dir)."""
+    in its vocabulary (emsedit.tiny.tiny_zsre_records). Returns (model yaml, dataset yaml, data dir)."""
     import yaml
 
-    from emsedit.tiny import make_tiny_llama, make_tokenizer
+    from emsedit.tiny import make_tiny_llama, make_tokenizer, tiny_zsre_records
 
     root = (workdir / "tiny").resolve()
     model_dir, data = root / "tiny-llama-4", root / "data"
@@ -311,10 +307,7 @@ def quick_setup(workdir: Path) -> tuple[str, str, str]:
     data.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, offset in (("train", 0), ("eval", 40)):
-        records = [{"src": f"The capital of {_QUICK_SUBJECTS[i % 20]}", "ans": _QUICK_TARGETS[i % 8],
-                    "rephrase": f"What is the capital of {_QUICK_SUBJECTS[i % 20]}",
-                    "loc": f"The language spoken in {_QUICK_SUBJECTS[i % 20]}", "loc_ans": "French"}
-                   for i in range(offset, offset + 40)]
+        records = tiny_zsre_records(40, offset)
         path = data / f"tiny_zsre_{split}.json"
         path.write_text(json.dumps(records, indent=1))
         files[split] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "url": None}

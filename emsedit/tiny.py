@@ -37,6 +37,7 @@ __all__ = [
     "make_tiny_llama",
     "make_tiny_gpt2",
     "save_tiny_model",
+    "tiny_zsre_records",
 ]
 
 Style = Literal["llama", "gpt2"]
@@ -316,3 +317,21 @@ def save_tiny_model(
     header = f"# Tiny random {style} model for tests and the tiny workflow (seed {seed}); generated.\n"
     target.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     return target
+
+
+#: Subjects and one-token targets of :func:`tiny_zsre_records` (words of the tiny tokenizers' corpus).
+TINY_SUBJECTS = ("France", "Germany", "Italy", "Spain", "Japan", "England", "Russia", "China", "Canada", "Egypt",
+                 "Brazil", "Greece", "Finland", "Austria", "Asia", "Africa", "Europe", "Paris", "London", "Rome")
+TINY_TARGETS = ("Paris", "London", "Rome", "French", "German", "Japan", "river", "show")
+
+
+def tiny_zsre_records(n: int, offset: int = 0) -> list[dict[str, str]]:
+    """``n`` MALMEN-schema zsRE records (src, ans, rephrase, loc, loc_ans) in the tiny vocabulary,
+    numbered from ``offset`` (tests and the benchmark's ``--quick`` dataset)."""
+    out = []
+    for i in range(offset, offset + n):
+        s = TINY_SUBJECTS[i % len(TINY_SUBJECTS)]
+        out.append({"src": f"The capital of {s}", "ans": TINY_TARGETS[i % len(TINY_TARGETS)],
+                    "rephrase": f"What is the capital of {s}", "loc": f"The language spoken in {s}",
+                    "loc_ans": "French"})
+    return out

@@ -19,25 +19,11 @@ from safetensors.torch import load_file
 from emsedit import cli
 from emsedit.registry import editor_class
 from emsedit.config import REPO_ROOT
-from emsedit.tiny import save_tiny_model
+from emsedit.tiny import save_tiny_model, tiny_zsre_records
 
 torch.set_num_threads(1)
 
-SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "England", "Russia", "China", "Canada", "Egypt",
-            "Brazil", "Greece", "Finland", "Austria", "Asia", "Africa", "Europe", "Paris", "London", "Rome"]
-TARGETS = ["Paris", "London", "Rome", "French", "German", "Japan", "river", "show"]
 VOLATILE = ("timings", "created", "peak_rss_mb")
-
-
-def _records(n: int, offset: int) -> list[dict[str, str]]:
-    """MALMEN-schema zsRE records (src, ans, rephrase, loc, loc_ans) in the tiny vocabulary."""
-    out = []
-    for i in range(offset, offset + n):
-        s = SUBJECTS[i % len(SUBJECTS)]
-        out.append({"src": f"The capital of {s}", "ans": TARGETS[i % len(TARGETS)],
-                    "rephrase": f"What is the capital of {s}", "loc": f"The language spoken in {s}",
-                    "loc_ans": "French"})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +35,7 @@ def env(tmp_path_factory):
     files = {}
     for split, offset in (("train", 0), ("eval", 40)):
         path = data / f"tiny_zsre_{split}.json"
-        path.write_text(json.dumps(_records(40, offset), indent=1))
+        path.write_text(json.dumps(tiny_zsre_records(40, offset), indent=1))
         files[split] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                         "url": None}
     dataset_yaml = root / "tiny-zsre.yaml"

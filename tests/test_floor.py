@@ -34,7 +34,8 @@ COUNTS = {"lowest": 1, "layers": 3, "lower_tokens": 5, "lower_pairs": 15, "upper
 
 
 def test_floor_flops_by_hand():
-    assert floor.layer_sizes(CONFIG) == {"hidden": 8, "layers": 3, "vocab": 10, "q_dim": 8, "layer_params": 576}
+    assert floor.layer_sizes(CONFIG) == {"hidden": 8, "inner": 16, "layers": 3, "vocab": 10, "q_dim": 8,
+                                         "layer_params": 576}
     flops = floor.floor_flops(COUNTS, CONFIG)
     assert flops == {
         "lower": 1 * (2 * 576 * 5 + 4 * 8 * 15),  # 1 lower layer, distinct prompts: 6240
