@@ -104,6 +104,12 @@ class CellOptions:
             raise ConfigError(f"--prefix-max-mb must be a finite number >= 0, got {self.prefix_max_mb}")
         if self.save_editor and self.load_editor:
             raise ConfigError("--save-editor and --load-editor exclude each other (a loaded editor is not trained)")
+        if self.load_editor:
+            ignored = [flag for flag, value in (("--train-turns", self.train_turns), ("--train-file", self.train_file),
+                                                ("--train-prefix-in", self.train_prefix_in)) if value is not None]
+            if ignored:
+                raise ConfigError(f"{', '.join(ignored)} and --load-editor exclude each other "
+                                  "(a loaded editor is not trained; its archive records its training)")
         EvalSettings(self.metrics, margin=self.generation_margin)  # unknown views or a bad margin: ConfigError
 
     def eval_settings(self, model_cfg: ModelConfig) -> EvalSettings:

@@ -16,6 +16,7 @@ import emsedit.metrics as metrics
 import emsedit.protocols as protocols
 from emsedit import cli
 from emsedit.acquire import sha256_of
+from emsedit.config import ConfigError
 from test_cli_run import _expect_user_error, env, run_args, strip, upper_only  # noqa: F401  (fixtures)
 
 # The two editors of the round trip: EMSEdit sequential (one network per step, S = 2) and MALMEN
@@ -31,6 +32,9 @@ def _args(env, out, editor, *extra):
             args[args.index(option) + 1] = value
         else:
             args += [option, value]
+    if "--load-editor" in extra:  # a loaded editor is not trained: no training amount beside it
+        i = args.index("--train-turns")
+        del args[i:i + 2]
     return args + list(extra)
 
 
@@ -264,11 +268,16 @@ def test_archive_for_other_modules_is_refused(env, trained, upper_only, watch, t
     ("ultraedit", ["--save-editor"], "--save-editor: editor 'ultraedit' is training-free"),
     ("ultraedit", ["--load-editor"], "--load-editor: editor 'ultraedit' is training-free"),
     ("emsedit", ["--save-editor"], "exists and is not a folder"),
+    ("emsedit", ["--load-editor", "--train-file"], "--train-file and --load-editor exclude each other"),
+    ("emsedit", ["--load-editor", "--train-prefix-in"], "--train-prefix-in and --load-editor exclude each other"),
 ])
 def test_option_misuse_is_a_user_error(env, watch, tmp_path, capsys, editor, options, needle):
     out = tmp_path / "out.json"
     args = run_args(env, out)
     args[args.index("--editor") + 1] = editor
+    if "--load-editor" in options:
+        i = args.index("--train-turns")
+        del args[i:i + 2]
     for option in options:
         args += [option, str(tmp_path / option.strip("-"))]
     if "folder" in needle:
@@ -276,3 +285,12 @@ def test_option_misuse_is_a_user_error(env, watch, tmp_path, capsys, editor, opt
     _expect_user_error(args, out, capsys, needle)
     assert watch == {"load_model": 0, "evaluate": 0}
     assert not (tmp_path / "save-editor").is_dir()
+
+
+def test_training_amounts_with_a_loaded_editor_are_refused(tmp_path):
+    """A loaded editor is not trained, so an amount of training beside it is a contradiction, not a
+    setting to ignore silently."""
+    from emsedit.protocols import CellOptions
+
+    with pytest.raises(ConfigError, match=r"^--train-turns and --load-editor exclude each other"):
+        CellOptions(model="m", dataset="d", seed=0, edits=2, train_turns=3, load_editor=str(tmp_path))
