@@ -16,8 +16,10 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -217,6 +219,12 @@ def test_seed_intervals_and_labels():
     hw = seed_statistics.t_halfwidth([1.0, 2.0, 3.0])
     assert abs(hw - 4.302652729911275 * 1.0 / 3 ** 0.5) < 1e-9
     assert seed_statistics.summarize([1.0, float("nan"), 3.0])["n"] == 2
+    a = pd.DataFrame({"seed": [0, 1, 2], "x": [1.0, 2.0, 3.0]})
+    b = pd.DataFrame({"seed": [1, 0, 5], "x": [0.5, 0.25, 9.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated pandas call
+        d = seed_statistics.paired_diffs(a, b, "x")
+    assert d.to_dict() == {0: 0.75, 1: 1.5}  # matched by seed, seeds only one side has dropped
     assert aggregation.editor_label("rledit", 2, "kl") == "RLEdit²"
     assert aggregation.editor_label("emsedit", 2, "kl") == "EMSEdit (KL)"
     assert aggregation.editor_label("emsedit", 3, "l2") == "EMSEdit (S=3)"

@@ -28,8 +28,9 @@ def summarize(values: Iterable[float]) -> dict:
 
 def paired_diffs(a: pd.DataFrame, b: pd.DataFrame, column: str) -> pd.Series:
     """Per-seed a[column] - b[column], on the seeds both have."""
-    joined = a.set_index("seed")[[column]].join(b.set_index("seed")[[column]], how="inner", lsuffix="_a", rsuffix="_b")
-    return joined[f"{column}_a"] - joined[f"{column}_b"]
+    left, right = a.set_index("seed")[column], b.set_index("seed")[column]
+    seeds = left.index.intersection(right.index, sort=False)
+    return left.loc[seeds] - right.loc[seeds]
 
 
 GROUP_KEYS = ["variant_label", "dataset", "model", "protocol", "editor", "label", "steps", "iterations", "loss",
