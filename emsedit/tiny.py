@@ -31,12 +31,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from emsedit.data import EditRequest
+
 __all__ = [
     "CORPUS",
     "make_tokenizer",
     "make_tiny_llama",
     "make_tiny_gpt2",
     "save_tiny_model",
+    "tiny_requests",
     "tiny_zsre_records",
 ]
 
@@ -323,6 +326,22 @@ def save_tiny_model(
 TINY_SUBJECTS = ("France", "Germany", "Italy", "Spain", "Japan", "England", "Russia", "China", "Canada", "Egypt",
                  "Brazil", "Greece", "Finland", "Austria", "Asia", "Africa", "Europe", "Paris", "London", "Rome")
 TINY_TARGETS = ("Paris", "London", "Rome", "French", "German", "Japan", "river", "show")
+
+
+def tiny_requests(n: int, offset: int = 0, *, subjects: int = 16) -> list[EditRequest]:
+    """``n`` zsRE-style :class:`~emsedit.data.EditRequest` objects in the tiny vocabulary, numbered from
+    ``offset``; the subject cycles over the first ``subjects`` of :data:`TINY_SUBJECTS` (the editor
+    tests' turns use 16), the one-token target over :data:`TINY_TARGETS`."""
+    if not 1 <= subjects <= len(TINY_SUBJECTS):
+        raise ValueError(f"subjects must be in 1..{len(TINY_SUBJECTS)}, got {subjects}")
+    out = []
+    for i in range(offset, offset + n):
+        s = TINY_SUBJECTS[i % subjects]
+        out.append(EditRequest(
+            index=i, prompt=f"The capital of {s}", target=TINY_TARGETS[i % len(TINY_TARGETS)], old_target=None,
+            rephrases=(f"What is the capital of {s}",), loc_prompts=(f"The language spoken in {s}?",),
+            loc_answer="French", loc_old_answer=None))
+    return out
 
 
 def tiny_zsre_records(n: int, offset: int = 0) -> list[dict[str, str]]:

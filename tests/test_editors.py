@@ -22,27 +22,17 @@ from emsedit.editors.base import StepCache
 from emsedit.hparams import load_editor_hparams
 from emsedit.metrics import evaluate_turns
 from emsedit.models import resolve_modules, weight_in_out
-from emsedit.tiny import make_tiny_gpt2, make_tiny_llama, make_tokenizer
+from emsedit.tiny import make_tiny_gpt2, make_tiny_llama, make_tokenizer, tiny_requests
 
 torch.set_num_threads(1)
 
-SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "England", "Russia", "China", "Canada",
-            "Egypt", "Brazil", "Greece", "Finland", "Austria", "Asia", "Africa"]
-TARGETS = ["Paris", "London", "Rome", "French", "German", "Japan", "river", "show"]  # one token each
 EDIT_LR = {"emsedit": 100.0, "malmen": 100.0, "rledit": 100.0, "mend": 1.0, "ultraedit": 1.0}
 PATTERNS = {"llama": ["model.layers.{0..1}.mlp.down_proj"], "gpt2": ["transformer.h.{0..1}.mlp.c_proj"]}
 SHAPES = {"llama": (64, 32), "gpt2": (128, 32)}
 
 
 def requests(offset: int, n: int) -> list[EditRequest]:
-    out = []
-    for i in range(offset, offset + n):
-        s = SUBJECTS[i % len(SUBJECTS)]
-        out.append(EditRequest(
-            index=i, prompt=f"The capital of {s}", target=TARGETS[i % len(TARGETS)], old_target=None,
-            rephrases=(f"What is the capital of {s}",), loc_prompts=(f"The language spoken in {s}?",),
-            loc_answer="French", loc_old_answer=None))
-    return out
+    return tiny_requests(n, offset)
 
 
 @pytest.fixture(scope="module")

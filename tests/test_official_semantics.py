@@ -49,13 +49,10 @@ from emsedit.editors.emsedit import EMSEdit
 from emsedit.hparams import EditorHParams, load_editor_hparams
 from emsedit.models import resolve_modules
 from emsedit.shifts import ridge_shift
-from emsedit.tiny import make_tiny_llama, make_tokenizer
+from emsedit.tiny import make_tiny_llama, make_tokenizer, tiny_requests
 
 torch.set_num_threads(1)
 
-SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "England", "Russia", "China", "Canada",
-            "Egypt", "Brazil", "Greece", "Finland", "Austria", "Asia", "Africa"]
-TARGETS = ["Paris", "London", "Rome", "French", "German", "Japan", "river", "show"]
 PATTERNS = ["model.layers.{0..1}.mlp.down_proj"]  # two nn.Linear modules, (d_in, d_out) = (64, 32)
 EPS32 = torch.finfo(torch.float32).eps
 HUGE = 1e30  # max_grad_norm that makes clipping an exact no-op
@@ -68,11 +65,7 @@ def tok():
 
 
 def requests(offset: int, n: int) -> list[EditRequest]:
-    return [EditRequest(
-        index=i, prompt=f"The capital of {SUBJECTS[i % 16]}", target=TARGETS[i % 8], old_target=None,
-        rephrases=(f"What is the capital of {SUBJECTS[i % 16]}",),
-        loc_prompts=(f"The language spoken in {SUBJECTS[i % 16]}?",), loc_answer="French",
-        loc_old_answer=None) for i in range(offset, offset + n)]
+    return tiny_requests(n, offset)
 
 
 def turns(tok, sizes, split="train", offset=0):
