@@ -32,10 +32,15 @@ def _args(env, out, editor, *extra):
             args[args.index(option) + 1] = value
         else:
             args += [option, value]
-    if "--load-editor" in extra:  # a loaded editor is not trained: no training amount beside it
-        i = args.index("--train-turns")
-        del args[i:i + 2]
+    if "--load-editor" in extra:
+        _drop_training_amount(args)
     return args + list(extra)
+
+
+def _drop_training_amount(args):
+    """A loaded editor is not trained: a run with --load-editor gives no training amount."""
+    i = args.index("--train-turns")
+    del args[i:i + 2]
 
 
 def _run(args):
@@ -276,8 +281,7 @@ def test_option_misuse_is_a_user_error(env, watch, tmp_path, capsys, editor, opt
     args = run_args(env, out)
     args[args.index("--editor") + 1] = editor
     if "--load-editor" in options:
-        i = args.index("--train-turns")
-        del args[i:i + 2]
+        _drop_training_amount(args)
     for option in options:
         args += [option, str(tmp_path / option.strip("-"))]
     if "folder" in needle:
