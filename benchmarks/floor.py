@@ -221,6 +221,21 @@ def _digest(seq: list[int]) -> bytes:
     return hashlib.blake2b(array("q", seq).tobytes(), digest_size=16).digest()
 
 
+def _unpacked(ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed row (sequences back to back, each one's positions counting up by 1) as right-padded
+    rows and their attention mask, so that each sequence counts as its own prompt."""
+    pos = positions.reshape(-1).to("cpu")
+    starts = [0] + [i for i in range(1, len(pos)) if int(pos[i]) != int(pos[i - 1]) + 1]
+    bounds = list(zip(starts, starts[1:] + [len(pos)]))
+    width = max(b - a for a, b in bounds)
+    rows = ids.new_zeros(len(bounds), width)
+    mask = torch.zeros(len(bounds), width, dtype=torch.long)
+    for r, (a, b) in enumerate(bounds):
+        rows[r, :b - a] = ids[0, a:b]
+        mask[r, :b - a] = 1
+    return rows, mask
+
+
 @contextmanager
 def count_passes(model: nn.Module, *, edit_modules: Sequence[str] | None = None) -> Iterator[PassCounts]:
     """Count what every forward pass through ``model``'s transformer computes (see :class:`PassCounts`).
@@ -246,6 +261,10 @@ def count_passes(model: nn.Module, *, edit_modules: Sequence[str] | None = None)
             embeds = kwargs.get("inputs_embeds")
             shape = tuple(embeds.shape[:2]) if embeds is not None else (0, 0)
         else:
+            shape = tuple(ids.shape)
+        positions = kwargs.get("position_ids")
+        if ids is not None and mask is None and isinstance(positions, torch.Tensor) and ids.shape[0] == 1:
+            ids, mask = _unpacked(ids, positions)  # a packed row: one row per sequence in it
             shape = tuple(ids.shape)
         rows, width = shape
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:

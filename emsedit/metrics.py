@@ -100,10 +100,15 @@ def _ratios(successes: torch.Tensor, counted: torch.Tensor) -> list[float]:
     return (num[keep] / den[keep]).tolist()
 
 
+def _predicted(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax ids from logits (batch × width × vocab), or the ids themselves (batch × width, integer)."""
+    return logits if logits.dim() == 2 and not logits.is_floating_point() else logits.argmax(-1)
+
+
 def _zsre_scores(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
     """Teacher-forced top-1 token accuracy per example."""
     scored = labels != IGNORE_INDEX
-    return _ratios(logits.argmax(-1) == labels, scored)
+    return _ratios(_predicted(logits) == labels, scored)
 
 
 def _counterfact_scores(
@@ -152,12 +157,15 @@ def score_batch(
 ) -> list[float]:
     """Score one LM mini-batch: one score in [0, 1] per example that has a scored position.
 
-    ``logits`` is the model output on ``batch.input_ids``, shape (batch, width, vocab). Examples
-    with no scored position are left out, so the list can be shorter than the batch.
+    ``logits`` is the model output on ``batch.input_ids``, shape (batch, width, vocab); for zsRE,
+    whose score reads the argmax only, it may be the argmax ids (batch, width; see
+    :func:`emsedit.models.answer_forward_many`'s ``argmax``). Examples with no scored position are
+    left out, so the list can be shorter than the batch.
     """
     _check_kind(kind)
     labels = batch.labels.to(logits.device)
-    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(labels.shape):
+    ids = kind == "zsre" and logits.dim() == 2 and not logits.is_floating_point()
+    if (logits.dim() != 3 and not ids) or tuple(logits.shape[:2]) != tuple(labels.shape):
         raise ValueError(
             f"logits of shape {tuple(logits.shape)} do not fit labels of shape {tuple(labels.shape)}"
         )
@@ -233,8 +241,9 @@ def _per_request(values: Sequence[float], owners: Sequence[int], n_requests: int
 
 
 def answer_argmax(logits: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
-    """Per row, the argmax token ids at its scored positions (``labels != -100``)."""
-    pred = logits.argmax(-1).cpu()
+    """Per row, the argmax token ids at its scored positions (``labels != -100``); ``logits`` may be
+    the argmax ids already."""
+    pred = _predicted(logits).cpu()
     scored = (labels != IGNORE_INDEX).cpu()
     return [row[keep].tolist() for row, keep in zip(pred, scored)]
 
@@ -282,7 +291,8 @@ def evaluate_turns(
             bar = Progress("evaluate", sum(len(batches) for *_, batches in lists), unit="batches", enabled=progress)
             for t, name, batches in lists:
                 for group in passes(batches):
-                    for logits, scored in answer_forward_many(model, group):
+                    # zsRE scores read the argmax only: taken on the scored rows, not zero-filled logits
+                    for logits, scored in answer_forward_many(model, group, argmax=kind == "zsre"):
                         scores[name].extend(score_batch(logits, scored, kind, quirks=quirks))
                         if locality_argmax is not None and name == "unrel":
                             locality_argmax[t].extend(answer_argmax(logits, scored.labels))

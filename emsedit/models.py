@@ -484,18 +484,29 @@ def _joined_pass(model: nn.Module, batches: Sequence[MiniBatch]
         row += n
 
 
-def answer_forward_many(model: nn.Module, batches: Sequence[MiniBatch]) -> list[tuple[torch.Tensor, MiniBatch]]:
+def answer_forward_many(model: nn.Module, batches: Sequence[MiniBatch], *, argmax: bool = False
+                        ) -> list[tuple[torch.Tensor, MiniBatch]]:
     """:func:`answer_forward` of each mini-batch, computed in one pass over all of them.
 
     The mini-batches are stacked row-wise (right padding is invisible to earlier positions under
     causal attention) and each one gets logits of the shape a pass of its own gives, so callers keep
     per-mini-batch scores. Group mini-batches with :func:`emsedit.batching.passes`.
+
+    With ``argmax``, each mini-batch gets the argmax token ids instead (rows × width, ``-1`` where
+    nothing is scored): what the argmax-only scores need, without the vocabulary-wide zero-filled logits.
     """
     from dataclasses import replace
 
     out = []
     for b, f, mine, logits in _joined_pass(model, batches):
-        if mine is not None:  # zero logits of this mini-batch's shape, filled at its scored positions
+        if argmax:
+            if mine is None:
+                mine = b.labels[:, f:] != -100
+                logits = logits[mine]
+            ids = torch.full(mine.shape, -1, dtype=torch.long, device=logits.device)
+            ids[mine] = logits.argmax(-1)
+            logits = ids
+        elif mine is not None:  # zero logits of this mini-batch's shape, filled at its scored positions
             part = logits.new_zeros(*mine.shape, logits.shape[-1])
             part[mine] = logits
             logits = part

@@ -15,6 +15,7 @@ from emsedit.metrics import (
     CORRECTED_QUIRKS,
     OFFICIAL_QUIRKS,
     MetricQuirks,
+    answer_argmax,
     evaluate_turns,
     score_batch,
     summarize,
@@ -80,6 +81,11 @@ def test_zsre_token_accuracy() -> None:
     logits[1, 1, 7] = 5.0  # position not scored: irrelevant
     # the third row has no scored position: skipped, not counted
     assert score_batch(logits, batch, "zsre") == [0.5, 1.0]
+    ids = torch.where(labels != -100, logits.argmax(-1), -1)  # argmax ids, as evaluate_turns passes them
+    assert score_batch(ids, batch, "zsre") == [0.5, 1.0]
+    assert answer_argmax(ids, labels) == answer_argmax(logits, labels) == [[2, 1], [4], []]
+    with pytest.raises(ValueError, match="do not fit"):  # CounterFact needs the logits themselves
+        score_batch(ids, dataclasses.replace(batch, old_labels=labels), "counterfact")
 
 
 def test_zsre_ignores_old_labels_and_quirks() -> None:

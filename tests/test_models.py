@@ -21,6 +21,7 @@ from emsedit.models import (
     ModuleResolutionError,
     add_shift,
     answer_forward,
+    answer_forward_many,
     expand_pattern,
     grad_in_out,
     load_model,
@@ -95,6 +96,10 @@ def test_answer_forward_matches_full_logits_at_scored_positions(model_and_patter
     module.weight.grad = None
     full[:, first:][rows].square().sum().backward()
     torch.testing.assert_close(fast, module.weight.grad)
+    with torch.no_grad():  # argmax: the full model's argmax at scored positions, -1 elsewhere
+        ids, cut = answer_forward_many(model, [batch], argmax=True)[0]
+    assert ids.dtype == torch.long and ids.shape == rows.shape and torch.equal(cut.labels, scored.labels)
+    assert torch.equal(ids[rows], full[:, first:][rows].argmax(-1)) and (ids[~rows] == -1).all()
 
 
 # ------------------------------------------------------------------------------ patterns / resolution

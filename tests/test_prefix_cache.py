@@ -121,3 +121,61 @@ def test_joined_pass_equals_one_pass_per_mini_batch() -> None:
         torch.testing.assert_close(module.weight.grad, expected_grad)
         module.weight.grad = None
     assert cached.hits == 1 and len(cached._cache) == len(batches)  # the joined pass replayed them
+
+
+def _tiny_arch(arch: str, vocab: int):
+    """A float64 three-layer model of another architecture family the model configs name, and its
+    upper layer's edited module (packing relies on each family's handling of packed position ids)."""
+    import transformers
+
+    small = {"gemma2": (transformers.Gemma2Config, {"hidden_size": 32, "intermediate_size": 64,
+                                                    "num_hidden_layers": 3, "num_attention_heads": 4,
+                                                    "num_key_value_heads": 2, "head_dim": 8,
+                                                    # shorter than the prompts (15-24 tokens), longer
+                                                    # than their padding (a padding query seeing only
+                                                    # padding would make the padded pass NaN)
+                                                    "sliding_window": 12}, "model.layers.2.mlp.down_proj"),
+             "gptj": (transformers.GPTJConfig, {"n_embd": 32, "n_layer": 3, "n_head": 4, "rotary_dim": 4},
+                      "transformer.h.2.mlp.fc_out")}
+    config_class, sizes, name = small[arch]
+    torch.manual_seed(4)
+    config = config_class(vocab_size=vocab, max_position_embeddings=128, n_positions=128, **sizes)
+    return transformers.AutoModelForCausalLM.from_config(config).double().eval(), [name]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gptj"])
+def test_packed_lower_layers_equal_padded_ones(arch) -> None:
+    """warm() runs a chunk's real tokens as one packed row (no padding computed): each prompt's lower
+    layers equal those of the padded pass to float64 rounding, padding positions hold zeros, and a
+    left-padded mini-batch falls back to the padded pass."""
+    if arch in ("llama", "gpt2"):
+        model, names, tok = _tiny(arch, seed=5)
+    else:
+        tok = make_tokenizer("llama")
+        model, names = _tiny_arch(arch, len(tok))
+    reqs = [EditRequest(i, "the colour of item " + "very " * (i % 4) + f"{i} is", "red", None, ("x",),
+                        ("y",), "z", None) for i in range(11)]
+    batches = make_turn(reqs, tok, split="eval", lm_batch_size=3).edit
+    packed, padded = PrefixCachedModel(model, names), PrefixCachedModel(model, names, pack=False)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: calls.append(kw.get("position_ids")),
+                                             with_kwargs=True)
+    try:
+        packed.warm(batches)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and calls[0].shape == (1, int(sum(b.attention_mask.sum() for b in batches)))
+    padded.warm(batches)
+    for b in batches:
+        mask = b.attention_mask.bool()
+        got, want = packed._cache[id(b.input_ids)][1], padded._cache[id(b.input_ids)][1]
+        assert got.shape == want.shape
+        torch.testing.assert_close(got[mask], want[mask], rtol=1e-10, atol=1e-12)
+        assert not got[~mask].any()
+    left = make_turn(reqs[:3], tok, split="eval", lm_batch_size=3).edit[0]
+    left.input_ids = torch.flip(left.input_ids, [1])  # holes before real tokens: not packable
+    left.attention_mask = torch.flip(left.attention_mask, [1])
+    assert bool((~left.attention_mask.bool()).any())
+    fallback = PrefixCachedModel(model, names)
+    fallback.warm([left])
+    assert fallback._cache[id(left.input_ids)][1].shape == (*left.input_ids.shape, got.shape[-1])
