@@ -5,7 +5,9 @@
   spec §4.3 collation (each tuple kind sorted by length, longest first, cut into mini-batches of
   ``lm_batch_size`` and right-padded);
 * :func:`passes` and :func:`joined_rows`: consecutive mini-batches joined into transformer passes of
-  at most :data:`PASS_ROWS` prompts (each mini-batch keeps its own loss normalisation and scores).
+  at most :data:`PASS_ROWS` prompts (each mini-batch keeps its own loss normalisation and scores);
+  :func:`packed_rows`: the same prompts' real tokens back to back in one row, for passes that need
+  no padding (the model then keeps each prompt to itself by its position ids).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from emsedit.data import IGNORE_INDEX, EditRequest, MiniBatch, Turn
 
-__all__ = ["PASS_ROWS", "collate_pairs", "iter_minibatches", "joined_rows", "make_turn", "passes"]
+__all__ = ["PASS_ROWS", "collate_pairs", "iter_minibatches", "joined_rows", "make_turn", "packed_rows", "passes"]
 
 # Prompts per transformer pass: consecutive mini-batches are computed together up to this many rows
 # (each keeps its own loss normalisation). On 2 CPU cores passes of 4 prompts cost ~38 ms per prompt,
@@ -215,3 +217,20 @@ def joined_rows(batches: Sequence[MiniBatch], name: str, pad: int) -> torch.Tens
     width = max(b.input_ids.shape[1] for b in batches)
     return torch.cat([torch.nn.functional.pad(getattr(b, name), (0, width - b.input_ids.shape[1]), value=pad)
                       for b in batches])
+
+
+def packed_rows(batches: Sequence[MiniBatch]) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+    """The mini-batches' real tokens as one packed row: ``(input_ids, position_ids, lengths)`` of
+    shapes (1, T), (1, T) and one length per prompt, prompts in row order, each one's positions
+    counting from 0 as in its padded row (HF models read a position that does not follow on as the
+    start of a new sequence and mask attention across). None unless every row is right-padded."""
+    ids, positions, lengths = [], [], []
+    for b in batches:
+        mask = b.attention_mask if b.attention_mask is not None else torch.ones_like(b.input_ids)
+        for r, n in enumerate(mask.sum(1).tolist()):
+            if n < 1 or not bool(mask[r, :n].all()):
+                return None  # left padding or holes
+            ids.append(b.input_ids[r, :n])
+            positions.append(torch.arange(n, device=b.input_ids.device))
+            lengths.append(n)
+    return torch.cat(ids)[None], torch.cat(positions)[None], lengths

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -419,8 +419,9 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
-def _output_rows(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
-    """Make the output layer project only the hidden states where ``rows`` (batch × kept) is true.
+def _output_rows(head: nn.Module, rows: torch.Tensor | tuple[torch.Tensor, ...]) -> Iterator[None]:
+    """Make the output layer project only the hidden states where ``rows`` (batch × kept) is true
+    (or at the positions an index tuple ``rows`` names).
 
     The model then returns logits of shape (rows.sum(), vocabulary), in row-major order of ``rows``.
     Its input is otherwise a strided (batch × kept × hidden) slice, on which the vocabulary matmul
@@ -431,6 +432,30 @@ def _output_rows(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def _packed_pass(model: nn.Module, batches: Sequence[MiniBatch], rows: torch.Tensor, first: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None:
+    """For a prefix-cached model that packs: the pass's :func:`~emsedit.batching.packed_rows` ids and
+    positions, and where ``rows`` (scored positions of the joined rows from ``first`` on) lie in that
+    packed row (an index of the (1 × T) positions, in the same row-major order), or None (padded
+    pass) if they cannot be packed."""
+    from .batching import packed_rows
+    from .prefix_cache import PrefixCachedModel
+
+    if not (isinstance(model, PrefixCachedModel) and model.enabled and model.pack):
+        return None
+    packed = packed_rows(batches)
+    if packed is None:
+        return None
+    ids, positions, lengths = packed
+    n = torch.tensor(lengths, device=rows.device)
+    starts = torch.cumsum(n, 0) - n
+    cols = torch.arange(first, first + rows.shape[1], device=rows.device)
+    if bool((rows & (cols[None, :] >= n[:, None])).any()):
+        return None  # a scored position in the padding: not a packable pass
+    at = (starts[:, None] + cols[None, :])[rows]
+    return ids, positions, (torch.zeros_like(at), at)
 
 
 def _first_answer(labels: torch.Tensor) -> int:
@@ -449,11 +474,17 @@ def answer_forward(model: nn.Module, batch: MiniBatch) -> tuple[torch.Tensor, Mi
     return answer_forward_many(model, [batch])[0]
 
 
-def _joined_pass(model: nn.Module, batches: Sequence[MiniBatch]
+def _joined_pass(model: nn.Module, batches: Sequence[MiniBatch], where: list[Any] | None = None
                  ) -> Iterator[tuple[MiniBatch, int, torch.Tensor | None, torch.Tensor]]:
     """One pass over the stacked mini-batches; yields, per mini-batch, (batch, first answer position,
     its scored positions from there (None when the pass's logits are not compact), its logits): the
-    logits of its scored positions in row-major order, or its slice of the full logits."""
+    logits of its scored positions in row-major order, or its slice of the full logits.
+
+    A prefix-cached model that packs runs the pass on the real tokens back to back
+    (:func:`_packed_pass`), else on the right-padded rows. ``where``, if given, receives the index of
+    the pass's scored positions in the layout its hidden states have (an index tuple into the packed
+    (1 × T) row, or the rows × width mask), in row-major order: what hooks on inner modules gather.
+    """
     from .prefix_cache import PrefixCachedModel
 
     one = len(batches) == 1
@@ -465,9 +496,18 @@ def _joined_pass(model: nn.Module, batches: Sequence[MiniBatch]
     rows = labels[:, first:] != -100
     head = _output_layer(model)
     compact = head is not None and bool(rows.any())
-    replay = model.joined(ids, batches) if isinstance(model, PrefixCachedModel) and not one else nullcontext()
-    with replay, _output_rows(head, rows) if compact else nullcontext():
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - first).logits
+    packed = _packed_pass(model, batches, rows, first) if compact else None
+    if where is not None:
+        where.append(packed[2] if packed is not None else labels != -100)
+    if packed is not None:  # the real tokens back to back, no padding computed
+        ids, positions, at = packed
+        with model.joined(ids, batches, packed=True), _output_rows(head, at):
+            logits = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False,
+                           logits_to_keep=0).logits
+    else:
+        replay = model.joined(ids, batches) if isinstance(model, PrefixCachedModel) and not one else nullcontext()
+        with replay, _output_rows(head, rows) if compact else nullcontext():
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - first).logits
     if compact and tuple(logits.shape[:-1]) != (int(rows.sum()),):
         raise RuntimeError(f"the model reshaped the output layer's logits to {tuple(logits.shape)}; "
                            "answer_forward expects one row per scored position")
@@ -515,11 +555,13 @@ def answer_forward_many(model: nn.Module, batches: Sequence[MiniBatch], *, argma
     return out
 
 
-def answer_rows_many(model: nn.Module, batches: Sequence[MiniBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def answer_rows_many(model: nn.Module, batches: Sequence[MiniBatch], *, where: list[Any] | None = None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per mini-batch of one joined pass: logits at its scored positions (rows × vocabulary) and their
-    labels, in row-major order. What the training losses need, without the zero-filled layout."""
+    labels, in row-major order. What the training losses need, without the zero-filled layout.
+    ``where``: see :func:`_joined_pass`."""
     out = []
-    for b, f, mine, logits in _joined_pass(model, batches):
+    for b, f, mine, logits in _joined_pass(model, batches, where):
         labels = b.labels[:, f:]
         if mine is None:
             mine = labels != -100

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emsedit.batching import joined_rows, passes
+from emsedit.batching import joined_rows, packed_rows, passes
 
 SHARED_FORMAT = "emsedit-prefix-activations/3"  # /3: packed lower-layer passes (/2: padded passes of PASS_ROWS prompts)
 
@@ -84,22 +84,6 @@ def _detach(output: Any) -> Any:
         if isinstance(output, tuple):
             return tuple(_detach(o) for o in output)
     return output
-
-
-def _packed(chunk: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
-    """The chunk's real tokens as one packed row: ``(input_ids, position_ids, lengths)``, each prompt's
-    positions counting from 0 as in its padded row. None unless every row is right-padded."""
-    ids, positions, lengths = [], [], []
-    for b in chunk:
-        mask = b.attention_mask if b.attention_mask is not None else torch.ones_like(b.input_ids)
-        counts = mask.sum(1)
-        for r, n in enumerate(counts.tolist()):
-            if n < 1 or not bool(mask[r, :n].all()):
-                return None  # left padding or holes: the padded pass
-            ids.append(b.input_ids[r, :n])
-            positions.append(torch.arange(n, device=b.input_ids.device))
-            lengths.append(n)
-    return torch.cat(ids)[None], torch.cat(positions)[None], lengths
 
 
 def _nbytes(output: Any) -> int:
@@ -178,11 +162,13 @@ class PrefixCachedModel(nn.Module):
                 self._record_lower(chunk, known)
 
     @contextmanager
-    def joined(self, input_ids: torch.Tensor, batches: Sequence[Any]) -> Iterator[None]:
+    def joined(self, input_ids: torch.Tensor, batches: Sequence[Any], *, packed: bool = False) -> Iterator[None]:
         """Replay the mini-batches' lower layers in a pass over their row-wise concatenation.
 
         ``input_ids`` is that concatenation (right-padded to its width); the lower-layer outputs of
         the mini-batches are padded with zeros to that width (padding is masked from attention).
+        With ``packed``, ``input_ids`` is their :func:`~emsedit.batching.packed_rows` row instead and
+        the replayed outputs are their real tokens' back to back.
         """
         if not self.enabled:
             yield
@@ -196,8 +182,11 @@ class PrefixCachedModel(nn.Module):
             finally:
                 self._recording = recording
             return
-        width = input_ids.shape[1]
-        joined = torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in pieces])
+        if packed:
+            joined = torch.cat([p[b.attention_mask.bool()] for p, b in zip(pieces, batches)])[None]
+        else:
+            width = input_ids.shape[1]
+            joined = torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in pieces])
         self._cache[id(input_ids)] = (input_ids, joined)
         try:
             yield
@@ -208,7 +197,7 @@ class PrefixCachedModel(nn.Module):
         """One pass of layers ``0..L−1`` over the chunk's mini-batches; store the unknown ones."""
         if self._bytes >= self.max_bytes:
             return
-        packed = _packed(chunk) if self.pack else None
+        packed = packed_rows(chunk) if self.pack else None
         if packed is not None:  # one row of the real tokens, each prompt attending to itself only
             ids, positions, lengths = packed
             hidden = self._lower_pass(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False)

@@ -48,9 +48,10 @@ class Tracer:
         return record
 
     def keys_and_grads(
-        self, loss: torch.Tensor, mask: torch.Tensor
+        self, loss: torch.Tensor, mask: torch.Tensor | tuple[torch.Tensor, ...]
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Back-propagate ``loss`` to the hooked outputs and gather rows at ``mask`` positions."""
+        """Back-propagate ``loss`` to the hooked outputs and gather rows at ``mask`` positions (a
+        boolean mask over the outputs' leading dimensions, or an index tuple into them)."""
         names = list(self.modules)
         missing = [n for n in names if n not in self._outputs]
         if missing:

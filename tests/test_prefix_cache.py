@@ -26,7 +26,7 @@ def _batches(tok):
 
 
 def _check(model, names, tok) -> None:
-    cached = PrefixCachedModel(model, names)
+    cached = PrefixCachedModel(model, names, pack=False)  # bit for bit (packed passes: the tests below)
     assert cached.enabled and cached.lowest >= 1
     batches = _batches(tok)
     modules = resolve_modules(model, names)
@@ -179,3 +179,44 @@ def test_packed_lower_layers_equal_padded_ones(arch) -> None:
     fallback = PrefixCachedModel(model, names)
     fallback.warm([left])
     assert fallback._cache[id(left.input_ids)][1].shape == (*left.input_ids.shape, got.shape[-1])
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_packed_passes_equal_padded_passes(style) -> None:
+    """Passes through a packing prefix-cached model (the real tokens back to back) give each mini-batch
+    the logits, loss gradient and hooked keys and gradients of the padded pass, to float64 rounding;
+    under no_grad too (evaluation), and the scored positions' index gathers the same rows."""
+    from emsedit.models import answer_rows_many
+    from emsedit.tracing import Tracer
+
+    model, names, tok = _tiny(style, seed=6)
+    module = resolve_modules(model, names)[names[0]]
+    reqs = [EditRequest(i, "item " + "very " * (i % 5) + f"{i} is", "red" if i % 3 else "dark red", None,
+                        ("x",), ("y",), "z", None) for i in range(10)]
+    batches = make_turn(reqs, tok, split="eval", lm_batch_size=3).edit
+    results = {}
+    for pack in (True, False):
+        wrapped = PrefixCachedModel(model, names, pack=pack)
+        with torch.no_grad():
+            evaluated = answer_forward_many(wrapped, batches)
+        where: list = []
+        with Tracer(resolve_modules(model, names)) as tracer:
+            rows = answer_rows_many(wrapped, batches, where=where)
+            loss = sum(cross_entropy(lg, y) for lg, y in rows)
+            keys, grads = tracer.keys_and_grads(loss, where[0])
+        loss = sum(cross_entropy(lg, y) for lg, y in answer_rows_many(wrapped, batches))
+        loss.backward()
+        results[pack] = (evaluated, rows, keys, grads, module.weight.grad.clone(), where[0])
+        module.weight.grad = None
+    (ev, rows, keys, grads, grad, at), (ev0, rows0, keys0, grads0, grad0, mask0) = results[True], results[False]
+    assert isinstance(at, tuple) and at[1].shape == (int(mask0.sum()),)  # the packed pass ran
+    for (lg, s), (lg0, s0) in zip(ev, ev0):
+        assert torch.equal(s.labels, s0.labels)
+        torch.testing.assert_close(lg, lg0, rtol=1e-9, atol=1e-11)
+    for (lg, y), (lg0, y0) in zip(rows, rows0):
+        assert torch.equal(y, y0)
+        torch.testing.assert_close(lg, lg0.detach(), rtol=1e-9, atol=1e-11)
+    for n in names:
+        torch.testing.assert_close(keys[n], keys0[n], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(grads[n], grads0[n], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(grad, grad0, rtol=1e-9, atol=1e-11)

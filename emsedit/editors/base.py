@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from emsedit.batching import joined_rows, passes
+from emsedit.batching import passes
 from emsedit.config import ConfigError
 from emsedit.data import MiniBatch, Turn
 from emsedit.editors.schedules import TrainingSchedules
@@ -211,9 +212,9 @@ class Editor(TrainingSchedules):
         rows = []
         for group in passes(turn.edit):
             with Tracer(self.modules) as tracer:
-                loss = sum(cross_entropy(*answer) for answer in answer_rows_many(self.model, group))
-                mask = joined_rows(group, "labels", -100) != -100
-                k, g = tracer.keys_and_grads(loss, mask)
+                where: list[Any] = []  # the scored positions, in the layout the pass ran (packed or padded)
+                loss = sum(cross_entropy(*answer) for answer in answer_rows_many(self.model, group, where=where))
+                k, g = tracer.keys_and_grads(loss, where[0])
             rows.extend(int((b.labels != -100).sum()) for b in group)
             for n in self.modules:
                 keys[n].append(k[n])
