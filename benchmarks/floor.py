@@ -9,6 +9,11 @@ Three parts, all standard library + torch:
   :class:`emsedit.prefix_cache.PrefixCachedModel` or a plain HF causal LM) and counts, for every
   forward pass through the transformer, what it actually computed (:class:`PassCounts`).
 * :func:`floor_flops` / :func:`floor_seconds` — the floor from those counts and the HF model config.
+* :func:`count_executed` / :func:`executed_split` — what a job actually executed instead: the FLOPs
+  of every matmul and attention kernel it ran (torch's ``FlopCounterMode``, forward and backward),
+  split into the transformer, the editors' networks (hypernetworks) and the algebra outside any
+  module (ridge solves, weight updates). Executed over floor says how much work beyond the floor a
+  job does; measured time over executed FLOPs at the measured throughput, how fast it runs that work.
 
 **The floor** (FLOPs of a job, i.e. of everything done in one process while the counter was on):
 
@@ -54,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PassCounts", "count_passes", "floor_flops", "floor_seconds", "layer_sizes", "matmul_gflops"]
+__all__ = ["PassCounts", "count_executed", "count_passes", "executed_split", "floor_flops", "floor_seconds",
+           "layer_sizes", "matmul_gflops"]
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -368,3 +374,74 @@ def floor_flops(counts: PassCounts | Mapping[str, int], model_config: Any) -> di
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+# ----------------------------------------------------------------------------- executed FLOPs
+def _cpu_attention_formulas() -> dict[Any, Any]:
+    """FLOP formulas for the CPU attention kernels that torch's counter leaves out (it knows the CUDA
+    ones): full (query × key) products, as torch counts every attention kernel (the kernel with an
+    explicit mask computes the masked pairs too)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    formulas: dict[Any, Any] = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        def forward(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+            return fc.sdpa_flop_count(query, key, value)
+
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = forward
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        def backward(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                     **kwargs: Any) -> int:
+            return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = backward
+    return formulas
+
+
+@contextmanager
+def count_executed() -> Iterator[dict[str, Any]]:
+    """Count the FLOPs of every matmul and attention kernel run inside (forward and backward).
+
+    Yields a dict filled on a normal exit with ``total`` and ``by_roots``: FLOPs by the set of
+    outermost modules active when each op ran (modules named by their class, as torch's module
+    tracker names modules called from outside any other; the empty set: outside every module).
+    Split it with :func:`executed_split`. Counting slows the job down (a dispatch per op): time the
+    job in another run.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class _ByRoots(FlopCounterMode):
+        # Per op, not per module: torch's per-module totals count an op for every module its
+        # tracker thinks active, and in a backward the tracker keeps a module whose inputs need no
+        # gradient (the transformer's ids, a hypernetwork's detached keys) active to the end of the
+        # backward. (Private torch API, pinned with torch 2.13.0; tests/test_floor.py checks it.)
+        def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+            if func_packet in self.flop_registry:
+                n = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+                roots = frozenset(p.split(".", 1)[0] for p in self.mod_tracker.parents if p != "Global")
+                by_roots[roots] = by_roots.get(roots, 0) + int(n)
+            return out
+
+    found: dict[str, Any] = {}
+    by_roots: dict[frozenset[str], int] = {}
+    with _ByRoots(display=False, custom_mapping=_cpu_attention_formulas()):
+        yield found
+    found["total"] = sum(by_roots.values())
+    found["by_roots"] = by_roots
+
+
+def executed_split(executed: Mapping[str, Any], model: nn.Module) -> dict[str, int]:
+    """A :func:`count_executed` result by part: ``transformer`` (ops inside ``model``: a root named by a
+    class of its modules that torch.nn does not define, the model itself or its layers),
+    ``editor_networks`` (ops inside any other root: the editors' hypernetworks, a bare ``nn.Linear``;
+    they take precedence, since a backward through the transformer into a hypernetwork leaves the
+    transformer marked active), ``outside_modules`` (the editors' algebra outside any module: ridge
+    solves, weight updates; its backward inside a backward through the transformer counts as
+    transformer) and ``total``."""
+    classes = {type(m).__name__ for m in model.modules() if not type(m).__module__.startswith("torch.")}
+    parts = {"transformer": 0, "editor_networks": 0, "outside_modules": 0}
+    for roots, n in executed["by_roots"].items():
+        part = ("editor_networks" if roots - classes else "transformer" if roots else "outside_modules")
+        parts[part] += n
+    return {**parts, "total": int(executed["total"])}

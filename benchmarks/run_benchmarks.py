@@ -16,6 +16,10 @@ Compute floors (``benchmarks/floor.py``): it measures fp32 matmul throughput at 
 cell's run (in its fresh process) with hooks on the model they load; each cell's ``floor`` block gives,
 for both, ``measured_s`` (``timings.total`` − ``load_model``, as ``shared_evaluate_s`` / ``run_s_excl_load``),
 ``floor_s`` (unavoidable FLOPs / throughput), their ``ratio``, the FLOPs by part and the counts.
+``executed_flops`` (skip with ``--no-executed``): the cell run a second time, untimed, with torch's FLOP
+counter on: the FLOPs its run executed (transformer, editor networks, outside modules), ``executed_s``
+(those at the measured throughput), ``executed_over_floor`` (work beyond the floor: hypernetworks,
+weight gradients, masked attention pairs) and ``measured_over_executed`` (how fast that work ran).
 ``wall_s`` stays the fresh process's wall time; ``--quick`` runs all of this on a tiny model in seconds.
 
     python benchmarks/run_benchmarks.py --out benchmarks/results/benchmarks.json
@@ -158,7 +162,8 @@ def counted_setup() -> Iterator[dict]:
     """Count the transformer passes of the cell run inside: patches ``emsedit.protocols._setup`` (what
     :func:`evaluate_cell` and :func:`run_cell` load their model with) to hook
     :func:`benchmarks.floor.count_passes` on the model it returns. Yields a dict that holds, once the
-    model is loaded, ``counts`` (:class:`benchmarks.floor.PassCounts`) and ``config`` (the HF config)."""
+    model is loaded, ``counts`` (:class:`benchmarks.floor.PassCounts`), ``config`` (the HF config) and
+    ``model`` (as the cell uses it)."""
     from benchmarks.floor import count_passes
     from emsedit import protocols
 
@@ -169,6 +174,7 @@ def counted_setup() -> Iterator[dict]:
             model_cfg, model, tokenizer, modules, load_s = original(opts)
             found["counts"] = hooks.enter_context(count_passes(model))
             found["config"] = model.config
+            found["model"] = model
             return model_cfg, model, tokenizer, modules, load_s
 
         protocols._setup = setup
@@ -247,6 +253,7 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
         wall = time.perf_counter() - start
     measure_bare = cell.get("bare", True) and not args.no_bare
     bare = bare_passes(record, args.model, args.dataset, args.threads, args.data_dir) if measure_bare else None
+    executed = None if args.no_executed else executed_flops(hp, opts)
     t = record["timings"]
     run_s = t["total"] - t.get("load_model", 0.0) - t.get("evaluate_pre", 0.0)
     post, pre = record["metrics"]["post"], record["metrics"]["pre"]
@@ -265,7 +272,29 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
         "editor_overrides": {**cell.get("set", {}), **({"match_iterations": cell["match_iterations"]}
                                                          if cell.get("match_iterations") else {})},
         "floor": {"run": counted_floor(found, run_s)},  # main adds shared_evaluate and the seconds
+        "executed_flops": executed,  # main adds the seconds at the measured throughput
     }
+
+
+def executed_flops(hp, opts) -> dict[str, int]:
+    """The FLOPs the cell's run executes, by part (:func:`benchmarks.floor.executed_split`): the cell
+    run once more with torch's FLOP counter on (untimed: counting slows every op down)."""
+    from benchmarks.floor import count_executed, executed_split
+    from emsedit.protocols import run_cell
+
+    with counted_setup() as found, count_executed() as executed:
+        run_cell(hp, opts)
+    return executed_split(executed, found["model"])
+
+
+def with_executed_seconds(flops: dict[str, int], run: dict, gflops: float) -> dict:
+    """Executed FLOPs with their seconds at ``gflops`` (``executed_s``), executed / floor FLOPs and
+    measured seconds / ``executed_s`` (how fast the run's executed work ran against the throughput)."""
+    executed_s = flops["total"] / (gflops * 1e9)
+    floor = run["flops"]["total"]
+    return {**flops, "executed_s": float(f"{executed_s:.4g}"),
+            "executed_over_floor": round(flops["total"] / floor, 2) if floor else None,
+            "measured_over_executed": round(run["measured_s"] / executed_s, 2) if executed_s else None}
 
 
 def matmul_shape(model_name: str) -> dict[str, int]:
@@ -331,6 +360,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="the quick cells on a tiny model and dataset (seconds): checks the whole path")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-pass measurement (scores and run times only)")
+    parser.add_argument("--no-executed", action="store_true",
+                        help="skip counting the FLOPs each run executes (a second, untimed run of every cell)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one cell in this process
     parser.add_argument("--cell-train-turns", type=int, default=0, help=argparse.SUPPRESS)  # internal: its shared file
     args = parser.parse_args()
@@ -396,7 +427,8 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--one", cell["id"], "--model", args.model, "--dataset", args.dataset,
                "--cell-train-turns", str(train_turns.get(cell["edits"], 0)),
                "--seed", str(args.seed), "--threads", str(args.threads), "--workdir", args.workdir,
-               "--data-dir", args.data_dir, *(["--no-bare"] if args.no_bare else [])]
+               "--data-dir", args.data_dir, *(["--no-bare"] if args.no_bare else []),
+               *(["--no-executed"] if args.no_executed else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -406,6 +438,8 @@ def main() -> int:
         shared = json.loads((Path(args.workdir) / f"pre_{cell['turns']}x{cell['edits']}.floor.json").read_text())
         r["floor"] = {"shared_evaluate": with_floor_seconds(shared, gflops),
                       "run": with_floor_seconds(r["floor"]["run"], gflops)}
+        if r["executed_flops"]:
+            r["executed_flops"] = with_executed_seconds(r["executed_flops"], r["floor"]["run"], gflops)
         if r["train_activations"]:  # the shared training job (its seconds: computing the lower layers)
             r["floor"]["shared_training"] = with_floor_seconds(shared_training[cell["edits"]], gflops)
             r["shared_training_s"] = r["floor"]["shared_training"]["measured_s"]
@@ -416,6 +450,12 @@ def main() -> int:
               f"post {r['metrics']['post']}, {r['adam_iterations']} Adam iterations; floor: run "
               f"{fl['run']['floor_s']} s (measured / floor {fl['run']['ratio']}), shared evaluation "
               f"{fl['shared_evaluate']['floor_s']} s (ratio {fl['shared_evaluate']['ratio']})", flush=True)
+        if r["executed_flops"]:
+            ex = r["executed_flops"]
+            print(f"  executed {ex['total'] / 1e9:.1f} GFLOP ({ex['executed_over_floor']}x the floor's; transformer "
+                  f"{ex['transformer'] / 1e9:.1f}, editor networks {ex['editor_networks'] / 1e9:.1f}, outside modules "
+                  f"{ex['outside_modules'] / 1e9:.1f}), {ex['executed_s']} s at the measured throughput: the run took "
+                  f"{ex['measured_over_executed']}x that", flush=True)
         _write(args.out, args.threads, results, matmul)
     return 0
 

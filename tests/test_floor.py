@@ -168,3 +168,55 @@ def test_matmul_gflops_is_positive_and_restores_threads():
     assert torch.get_num_threads() == 1
     with pytest.raises(ValueError):
         floor.matmul_gflops(0)
+
+
+def test_count_executed_splits_transformer_networks_and_algebra(tiny):
+    """Executed FLOPs against hand counts: a full forward of the tiny Llama (every computed position,
+    padding included; attention over all (query, key) pairs), a root module standing for an editor's
+    hypernetwork, and a matmul outside any module; an attention call on CPU is counted (torch's counter
+    leaves the CPU kernels out), forward and backward."""
+    model, _tok = tiny
+    size = floor.layer_sizes(model.config)
+    ids, mask = _batch()
+    rows, width = ids.shape
+    network = nn.Linear(size["hidden"], 3, bias=False)
+    a, b = torch.randn(4, 6), torch.randn(6, 5)
+    with floor.count_executed() as executed, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        network(torch.randn(7, size["hidden"]))
+        a @ b
+    split = floor.executed_split(executed, model)
+    tokens = rows * width
+    transformer = (size["layers"] * (2 * size["layer_params"] * tokens + 4 * size["q_dim"] * rows * width * width)
+                   + 2 * size["hidden"] * size["vocab"] * tokens)
+    assert split == {"transformer": transformer, "editor_networks": 2 * 7 * size["hidden"] * 3,
+                     "outside_modules": 2 * 4 * 6 * 5, "total": transformer + 2 * 7 * size["hidden"] * 3 + 240}
+
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    with floor.count_executed() as attention:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal).sum().backward()
+    forward = 4 * 2 * 3 * 5 * 5 * 4  # (q k^T) and (p v): 2 · B·H·L·S·D each
+    # backward as torch counts it: 5 such products (dV, dP, dQ, dK and the recomputed scores) = 2.5 × forward
+    assert attention["by_roots"] == {frozenset(): attention["total"]}
+    assert attention["total"] == forward + forward * 5 // 2
+
+
+class _Shifted(nn.Module):
+    """A layer whose weight an editor network computes (as an edit's shift does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def test_count_executed_backward_into_a_network_counts_as_network():
+    """A backward through the transformer into the network that made its weight: torch's tracker keeps
+    the transformer active (its input needs no gradient); the network's ops still count as network."""
+    layer, network = _Shifted(), nn.Linear(3, 4 * 5, bias=False)
+    z, x = torch.randn(2, 3), torch.randn(6, 4)
+    with floor.count_executed() as executed:
+        layer.weight = network(z).sum(0).reshape(4, 5)
+        layer(x).sum().backward()
+    split = floor.executed_split(executed, layer)
+    assert split == {"transformer": 2 * (2 * 6 * 4 * 5), "editor_networks": 2 * (2 * 2 * 3 * 20),
+                     "outside_modules": 0, "total": 2 * 240 + 2 * 240}
