@@ -280,8 +280,9 @@ def resolve_train_turns(editor_schedule: str, hp: EditorHParams, opts: CellOptio
 def _checkpoint_folder(opts: CellOptions, config: dict[str, Any]) -> Path | None:
     if not opts.checkpoint_dir:
         return None
-    # threads and replayed activations change no result, and the metrics are computed after the last
-    # edit, so a resume may differ in them
+    # replayed activations change no result, threads at most the last bits (torch's CPU attention
+    # splits its work by thread count on some CPUs), and the metrics are computed after the last edit,
+    # so a resume may differ in them
     key = json.dumps({k: v for k, v in config.items()
                       if k not in ("threads", "prefix_activations", "train_activations", "eval_metrics")},
                      sort_keys=True, default=str)

@@ -107,9 +107,12 @@ def test_run_is_deterministic(env, reference, tmp_path):
     assert reference["metrics"]["post"]["efficacy"] > reference["metrics"]["pre"]["efficacy"]
 
 
-def test_thread_count_changes_no_record(env, reference, tmp_path):
-    """--threads 2 gives the record of --threads 1 (the checkpoint key leaves threads out, so a run
-    may resume with another thread count): every metric, training statistic and order is equal."""
+def test_thread_count_changes_a_record_by_float_rounding_at_most(env, reference, tmp_path):
+    """--threads 2 gives the record of --threads 1 up to float rounding (the checkpoint key leaves
+    threads out, so a run may resume with another thread count). Exact equality is machine-dependent:
+    on an AVX-512 CPU (AMD EPYC, torch 2.13) torch's CPU attention kernel gives other last bits at 2
+    threads for the same inputs, which moves the training losses by ~2e-7 relative; orders, configuration,
+    training statistics and the scores stay equal."""
     out = tmp_path / "threads2.json"
     args = run_args(env, out)
     args[args.index("--threads") + 1] = "2"
@@ -120,7 +123,10 @@ def test_thread_count_changes_no_record(env, reference, tmp_path):
     two = json.loads(out.read_text())
     assert (reference["config"]["threads"], two["config"]["threads"]) == (1, 2)
     two["config"]["threads"] = 1
-    assert strip(two) == strip(reference)
+    assert two["training"].pop("losses") == pytest.approx(reference["training"]["losses"], rel=1e-5, abs=1e-6)
+    ref = strip(reference)
+    ref["training"] = {k: v for k, v in reference["training"].items() if k != "losses"}
+    assert strip(two) == ref
 
 
 def test_different_seed_changes_the_order(env, reference, tmp_path):
