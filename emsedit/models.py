@@ -511,16 +511,23 @@ def _joined_pass(model: nn.Module, batches: Sequence[MiniBatch], where: list[Any
     if compact and tuple(logits.shape[:-1]) != (int(rows.sum()),):
         raise RuntimeError(f"the model reshaped the output layer's logits to {tuple(logits.shape)}; "
                            "answer_forward expects one row per scored position")
-    row, done = 0, 0
+    row = 0
+    if compact:
+        mines = []
+        for b, f in zip(batches, firsts):
+            n, w = b.input_ids.shape
+            mines.append(rows[row:row + n, f - first:w - first])
+            row += n
+        # split, not one slice per mini-batch: a slice's backward zero-fills a gradient of the
+        # whole pass's (rows × vocabulary) logits per mini-batch and adds them up; split's backward
+        # concatenates the pieces' gradients once.
+        parts = logits.split([int(m.sum()) for m in mines]) if len(batches) > 1 else (logits,)
+        for b, f, mine, part in zip(batches, firsts, mines, parts):
+            yield b, f, mine, part
+        return
     for b, f in zip(batches, firsts):
         n, w = b.input_ids.shape
-        if compact:
-            mine = rows[row:row + n, f - first:w - first]
-            count = int(mine.sum())
-            yield b, f, mine, logits[done:done + count]
-            done += count
-        else:
-            yield b, f, None, logits[row:row + n, f - first:w - first]
+        yield b, f, None, logits[row:row + n, f - first:w - first]
         row += n
 
 
