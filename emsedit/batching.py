@@ -198,7 +198,10 @@ def iter_minibatches(turns: Iterable[Turn]) -> Iterable[tuple[str, MiniBatch]]:
 
 def passes(batches: Sequence[MiniBatch], max_rows: int | None = None) -> list[list[MiniBatch]]:
     """Consecutive mini-batches grouped into passes of at most ``max_rows`` (default ``PASS_ROWS``)
-    prompts, at least one mini-batch each."""
+    prompts, at least one mini-batch each; a last pass of at most half ``max_rows`` prompts joins
+    the pass before it when the two hold at most 1.5 × ``max_rows`` (so 20 prompts are one pass of
+    20, not 16 + 4: a pass of a few prompts costs nearly a full one, the vocabulary projection
+    reading its whole weight for a few rows)."""
     max_rows = PASS_ROWS if max_rows is None else max_rows
     out: list[list[MiniBatch]] = []
     rows = 0
@@ -209,6 +212,8 @@ def passes(batches: Sequence[MiniBatch], max_rows: int | None = None) -> list[li
         else:
             out.append([b])
             rows = len(b)
+    if len(out) > 1 and rows <= max_rows // 2 and sum(map(len, out[-2])) + rows <= max_rows + max_rows // 2:
+        out[-2].extend(out.pop())
     return out
 
 

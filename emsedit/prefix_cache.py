@@ -42,7 +42,7 @@ from torch import nn
 
 from emsedit.batching import joined_rows, packed_rows, passes
 
-SHARED_FORMAT = "emsedit-prefix-activations/3"  # /3: packed lower-layer passes (/2: padded passes of PASS_ROWS prompts)
+SHARED_FORMAT = "emsedit-prefix-activations/4"  # /4: a small last pass joins the one before; /3: packed passes; /2: padded
 
 
 def find_layer_list(model: nn.Module, module_names: list[str]) -> tuple[nn.ModuleList, int] | None:
