@@ -5,7 +5,8 @@
   spec §4.3 collation (each tuple kind sorted by length, longest first, cut into mini-batches of
   ``lm_batch_size`` and right-padded);
 * :func:`passes` and :func:`joined_rows`: consecutive mini-batches joined into transformer passes of
-  at most :data:`PASS_ROWS` prompts (each mini-batch keeps its own loss normalisation and scores);
+  at most :data:`PASS_ROWS` prompts, a small last pass joined to the one before (each mini-batch
+  keeps its own loss normalisation and scores);
   :func:`packed_rows`: the same prompts' real tokens back to back in one row, for passes that need
   no padding (the model then keeps each prompt to itself by its position ids).
 """

@@ -521,7 +521,7 @@ def _joined_pass(model: nn.Module, batches: Sequence[MiniBatch], where: list[Any
         # split, not one slice per mini-batch: a slice's backward zero-fills a gradient of the
         # whole pass's (rows × vocabulary) logits per mini-batch and adds them up; split's backward
         # concatenates the pieces' gradients once.
-        parts = logits.split([int(m.sum()) for m in mines]) if len(batches) > 1 else (logits,)
+        parts = logits.split([int(m.sum()) for m in mines])
         for b, f, mine, part in zip(batches, firsts, mines, parts):
             yield b, f, mine, part
         return

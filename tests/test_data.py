@@ -263,7 +263,9 @@ def test_passes_group_consecutive_mini_batches_up_to_the_row_limit():
     assert [[len(b) for b in g] for g in groups] == [[4, 4, 4, 4], [4], [20], [2, 3]]
     assert passes([]) == []
     # a last pass of at most half the limit joins the one before, up to 1.5 x the limit in all
-    rows = lambda sizes: [[len(b) for b in g] for g in passes([batch(n) for n in sizes], max_rows=16)]
+    def rows(sizes: list[int]) -> list[list[int]]:
+        return [[len(b) for b in g] for g in passes([batch(n) for n in sizes], max_rows=16)]
+
     assert rows([4] * 5) == [[4] * 5]  # 20 prompts: one pass, not 16 + 4
     assert rows([4] * 6) == [[4] * 6]  # 16 + 8 -> 24
     assert rows([4] * 7) == [[4] * 4, [4] * 3]  # 16 + 12: 12 is more than half
@@ -271,4 +273,3 @@ def test_passes_group_consecutive_mini_batches_up_to_the_row_limit():
     assert rows([16, 10]) == [[16], [10]]
     assert rows([20, 4]) == [[20, 4]]  # 24 = 1.5 x 16
     assert rows([20, 6]) == [[20], [6]]  # 26 > 1.5 x 16
-
