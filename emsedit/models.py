@@ -36,6 +36,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import REPO_ROOT, ModelConfig
 from .batching import joined_rows
 from .data import MiniBatch
+from .packed_attention import segment_attention
 
 __all__ = [
     "ModuleResolutionError",
@@ -435,11 +436,11 @@ def _output_rows(head: nn.Module, rows: torch.Tensor | tuple[torch.Tensor, ...])
 
 
 def _packed_pass(model: nn.Module, batches: Sequence[MiniBatch], rows: torch.Tensor, first: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None:
-    """For a prefix-cached model that packs: the pass's :func:`~emsedit.batching.packed_rows` ids and
-    positions, and where ``rows`` (scored positions of the joined rows from ``first`` on) lie in that
-    packed row (an index of the (1 × T) positions, in the same row-major order), or None (padded
-    pass) if they cannot be packed."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int], tuple[torch.Tensor, torch.Tensor]] | None:
+    """For a prefix-cached model that packs: the pass's :func:`~emsedit.batching.packed_rows` ids,
+    positions and prompt lengths, and where ``rows`` (scored positions of the joined rows from
+    ``first`` on) lie in that packed row (an index of the (1 × T) positions, in the same row-major
+    order), or None (padded pass) if they cannot be packed."""
     from .batching import packed_rows
     from .prefix_cache import PrefixCachedModel
 
@@ -455,7 +456,7 @@ def _packed_pass(model: nn.Module, batches: Sequence[MiniBatch], rows: torch.Ten
     if bool((rows & (cols[None, :] >= n[:, None])).any()):
         return None  # a scored position in the padding: not a packable pass
     at = (starts[:, None] + cols[None, :])[rows]
-    return ids, positions, (torch.zeros_like(at), at)
+    return ids, positions, lengths, (torch.zeros_like(at), at)
 
 
 def _first_answer(labels: torch.Tensor) -> int:
@@ -498,10 +499,11 @@ def _joined_pass(model: nn.Module, batches: Sequence[MiniBatch], where: list[Any
     compact = head is not None and bool(rows.any())
     packed = _packed_pass(model, batches, rows, first) if compact else None
     if where is not None:
-        where.append(packed[2] if packed is not None else labels != -100)
-    if packed is not None:  # the real tokens back to back, no padding computed
-        ids, positions, at = packed
-        with model.joined(ids, batches, packed=True), _output_rows(head, at):
+        where.append(packed[3] if packed is not None else labels != -100)
+    if packed is not None:  # the real tokens back to back, no padding computed, attention per prompt
+        ids, positions, lengths, at = packed
+        with (model.joined(ids, batches, packed=True), _output_rows(head, at),
+              segment_attention(model, lengths, ids.device)):
             logits = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False,
                            logits_to_keep=0).logits
     else:

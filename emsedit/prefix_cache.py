@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from emsedit.batching import joined_rows, packed_rows, passes
+from emsedit.packed_attention import segment_attention
 
-SHARED_FORMAT = "emsedit-prefix-activations/4"  # /4: a small last pass joins the one before; /3: packed passes; /2: padded
+SHARED_FORMAT = "emsedit-prefix-activations/5"  # /5: attention per prompt in packed passes; /4: a small last pass joins the one before; /3: packed passes; /2: padded
 
 
 def find_layer_list(model: nn.Module, module_names: list[str]) -> tuple[nn.ModuleList, int] | None:
@@ -200,7 +201,8 @@ class PrefixCachedModel(nn.Module):
         packed = packed_rows(chunk) if self.pack else None
         if packed is not None:  # one row of the real tokens, each prompt attending to itself only
             ids, positions, lengths = packed
-            hidden = self._lower_pass(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False)
+            with segment_attention(self.model, lengths, ids.device):
+                hidden = self._lower_pass(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False)
             if not isinstance(hidden, torch.Tensor):
                 return
             pieces = iter(hidden[0].split(lengths))
