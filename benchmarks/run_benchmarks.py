@@ -11,11 +11,14 @@ mini-batch as a plain implementation runs them (the run itself joins mini-batche
 wall time split by phase, its peak RSS, the ratio run / bare passes, and run + shared evaluation
 (what one cell costs when nothing else shares that evaluation job).
 
-Compute floors (``benchmarks/floor.py``): it measures fp32 matmul throughput at ``--threads``
-(``machine.matmul_gflops``) and counts the passes of the shared evaluation (in this process) and of each
-cell's run (in its fresh process) with hooks on the model they load; each cell's ``floor`` block gives,
-for both, ``measured_s`` (``timings.total`` − ``load_model``, as ``shared_evaluate_s`` / ``run_s_excl_load``),
-``floor_s`` (unavoidable FLOPs / throughput), their ``ratio``, the FLOPs by part and the counts.
+Compute floors (``benchmarks/floor.py``): it measures fp32 matmul throughput at ``--threads`` just before
+and just after each timed job, in that job's process (``matmul_gflops`` of each floor block; these shared
+machines' rate drifts by tens of percent within minutes, so one measurement at the start misstates later
+jobs' floors; ``machine.matmul_gflops`` is the start's), and counts the passes of the shared evaluation (in
+this process) and of each cell's run (in its fresh process) with hooks on the model they load; each cell's
+``floor`` block gives, for both, ``measured_s`` (``timings.total`` − ``load_model``, as ``shared_evaluate_s``
+/ ``run_s_excl_load``), ``floor_s`` (unavoidable FLOPs at the higher of the job's two rates: a floor that
+never flatters the job), their ``ratio``, the FLOPs by part and the counts.
 ``executed_flops`` (skip with ``--no-executed``): the cell run a second time, untimed, with torch's FLOP
 counter on: the FLOPs its run executed (transformer, editor networks, outside modules), ``executed_s``
 (those at the measured throughput), ``executed_over_floor`` (work beyond the floor: hypernetworks,
@@ -158,6 +161,18 @@ def bare_passes(record: dict, model_name: str, dataset: str, threads: int,
 
 
 @contextmanager
+def throughput_around(args: argparse.Namespace) -> Iterator[list[float]]:
+    """The matmul throughput (GFLOP/s at ``args.threads``, the model's MLP shapes) measured just before
+    and just after the job inside: a list that holds both once the job is done."""
+    from benchmarks.floor import matmul_gflops
+
+    shapes = matmul_shape(args.model)
+    rates = [round(matmul_gflops(args.threads, **shapes), 2)]
+    yield rates
+    rates.append(round(matmul_gflops(args.threads, **shapes), 2))
+
+
+@contextmanager
 def counted_setup() -> Iterator[dict]:
     """Count the transformer passes of the cell run inside: patches ``emsedit.protocols._setup`` (what
     :func:`evaluate_cell` and :func:`run_cell` load their model with) to hook
@@ -184,20 +199,23 @@ def counted_setup() -> Iterator[dict]:
             protocols._setup = original
 
 
-def counted_floor(found: dict, measured_s: float) -> dict:
-    """The floor block of a counted job, without the throughput: measured seconds, FLOPs, counts."""
+def counted_floor(found: dict, measured_s: float, rates: list[float]) -> dict:
+    """The floor block of a counted job, without its seconds: measured seconds, the matmul throughput
+    measured around the job (:func:`throughput_around`), FLOPs, counts."""
     from benchmarks.floor import floor_flops
 
-    return {"measured_s": round(measured_s, 3), "flops": floor_flops(found["counts"], found["config"]),
-            "counts": found["counts"].summary()}
+    return {"measured_s": round(measured_s, 3), "matmul_gflops": rates,
+            "flops": floor_flops(found["counts"], found["config"]), "counts": found["counts"].summary()}
 
 
-def with_floor_seconds(block: dict, gflops: float) -> dict:
-    """A :func:`counted_floor` block with ``floor_s`` and ``ratio`` (measured / floor) at ``gflops``."""
+def with_floor_seconds(block: dict) -> dict:
+    """A :func:`counted_floor` block with ``floor_s`` and ``ratio`` (measured / floor) at the higher
+    of the throughputs measured around the job."""
     from benchmarks.floor import floor_seconds
 
-    floor_s = floor_seconds(block["flops"], gflops)
-    return {"measured_s": block["measured_s"], "floor_s": float(f"{floor_s:.4g}"),
+    floor_s = floor_seconds(block["flops"], max(block["matmul_gflops"]))
+    return {"measured_s": block["measured_s"], "matmul_gflops": block["matmul_gflops"],
+            "floor_s": float(f"{floor_s:.4g}"),
             "ratio": round(block["measured_s"] / floor_s, 2) if floor_s > 0 else None,
             "flops": block["flops"], "counts": block["counts"]}
 
@@ -247,7 +265,7 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
                        train_prefix_in=str(train) if train.exists() else None, metrics=METRICS)
     shared_t = json.loads(Path(opts.pre_record).read_text())["timings"]
     shared_s = shared_t["total"] - shared_t.get("load_model", 0.0)
-    with counted_setup() as found:
+    with throughput_around(args) as rates, counted_setup() as found:
         start = time.perf_counter()
         record = run_cell(hp, opts)
         wall = time.perf_counter() - start
@@ -271,7 +289,7 @@ def run_one(cell: dict, args: argparse.Namespace) -> dict:
         "adam_iterations": record["training"]["adam_iterations"],
         "editor_overrides": {**cell.get("set", {}), **({"match_iterations": cell["match_iterations"]}
                                                          if cell.get("match_iterations") else {})},
-        "floor": {"run": counted_floor(found, run_s)},  # main adds shared_evaluate and the seconds
+        "floor": {"run": counted_floor(found, run_s, rates)},  # main adds shared_evaluate and the seconds
         "executed_flops": executed,  # main adds the seconds at the measured throughput
     }
 
@@ -287,10 +305,10 @@ def executed_flops(hp, opts) -> dict[str, int]:
     return executed_split(executed, found["model"])
 
 
-def with_executed_seconds(flops: dict[str, int], run: dict, gflops: float) -> dict:
-    """Executed FLOPs with their seconds at ``gflops`` (``executed_s``), executed / floor FLOPs and
-    measured seconds / ``executed_s`` (how fast the run's executed work ran against the throughput)."""
-    executed_s = flops["total"] / (gflops * 1e9)
+def with_executed_seconds(flops: dict[str, int], run: dict) -> dict:
+    """Executed FLOPs with their seconds at the run's throughput (``executed_s``, as its floor), executed /
+    floor FLOPs and measured seconds / ``executed_s`` (how fast the run's executed work ran)."""
+    executed_s = flops["total"] / (max(run["matmul_gflops"]) * 1e9)
     floor = run["flops"]["total"]
     return {**flops, "executed_s": float(f"{executed_s:.4g}"),
             "executed_over_floor": round(flops["total"] / floor, 2) if floor else None,
@@ -393,17 +411,18 @@ def main() -> int:
         prefix = pre.with_suffix(".prefix.safetensors")
         counted = pre.with_suffix(".floor.json")  # the shared job's counted floor (FLOPs, no seconds)
         fresh = (counted.exists() and json.loads(counted.read_text()).get("model") == args.model
+                 and "matmul_gflops" in json.loads(counted.read_text())
                  and json.loads(pre.read_text())["config"].get("eval_metrics", {}).get("views") == METRICS.split(","))
         if not (pre.exists() and prefix.exists() and fresh):
             opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, turns=shape[0],
                                edits=shape[1], threads=args.threads, prefix_out=str(prefix), data_dir=args.data_dir,
                                metrics=METRICS)
-            with counted_setup() as found:
+            with throughput_around(args) as rates, counted_setup() as found:
                 record = evaluate_cell(opts)
             write_json_atomic(pre, record)
             t = record["timings"]
             write_json_atomic(counted, {"model": args.model,
-                                        **counted_floor(found, t["total"] - t.get("load_model", 0.0))})
+                                        **counted_floor(found, t["total"] - t.get("load_model", 0.0), rates)})
     # The workflow's share_training job: one file per edits-per-turn, covering the most training turns of
     # its cells (each cell replays the prefix it needs)
     train_turns = {}
@@ -415,13 +434,14 @@ def main() -> int:
             continue
         out = shared_training_file(args.workdir, edits, turns)
         counted = out.with_suffix(".floor.json")
-        if not (out.exists() and counted.exists() and json.loads(counted.read_text()).get("model") == args.model):
+        if not (out.exists() and counted.exists() and json.loads(counted.read_text()).get("model") == args.model
+                and "matmul_gflops" in json.loads(counted.read_text())):
             opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, edits=edits, train_turns=turns,
                                threads=args.threads, data_dir=args.data_dir)
-            with counted_setup() as found:
+            with throughput_around(args) as rates, counted_setup() as found:
                 done = share_training(opts, str(out))
             write_json_atomic(counted, {"model": args.model, "mini_batches": done["mini_batches"],
-                                        **counted_floor(found, done["lower_layers"])})
+                                        **counted_floor(found, done["lower_layers"], rates)})
         shared_training[edits] = json.loads(counted.read_text())
     for cell in cells:
         cmd = [sys.executable, __file__, "--one", cell["id"], "--model", args.model, "--dataset", args.dataset,
@@ -436,12 +456,11 @@ def main() -> int:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
         shared = json.loads((Path(args.workdir) / f"pre_{cell['turns']}x{cell['edits']}.floor.json").read_text())
-        r["floor"] = {"shared_evaluate": with_floor_seconds(shared, gflops),
-                      "run": with_floor_seconds(r["floor"]["run"], gflops)}
+        r["floor"] = {"shared_evaluate": with_floor_seconds(shared), "run": with_floor_seconds(r["floor"]["run"])}
         if r["executed_flops"]:
-            r["executed_flops"] = with_executed_seconds(r["executed_flops"], r["floor"]["run"], gflops)
+            r["executed_flops"] = with_executed_seconds(r["executed_flops"], r["floor"]["run"])
         if r["train_activations"]:  # the shared training job (its seconds: computing the lower layers)
-            r["floor"]["shared_training"] = with_floor_seconds(shared_training[cell["edits"]], gflops)
+            r["floor"]["shared_training"] = with_floor_seconds(shared_training[cell["edits"]])
             r["shared_training_s"] = r["floor"]["shared_training"]["measured_s"]
         bare = f"bare passes {r['bare_passes_s']['total']} s, ratio {r['ratio_to_bare']}" if r["bare_passes_s"] else "no bare passes"
         fl = r["floor"]
