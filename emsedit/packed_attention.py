@@ -11,7 +11,8 @@ the row's queries, keys and values are gathered into (prompts × longest prompt)
 attended with plain causal SDPA (a real query never sees a padded key: padding comes after it), and
 the real positions scattered back. Values agree with the masked attention to float rounding (the
 kernel adds the scores in other blocks), so results move in their last bits only. Models whose
-attention is not ``sdpa`` (eager, flash) keep their own, and the masked path is used.
+attention is not ``sdpa`` (eager, flash), or whose sliding window is shorter than a prompt of the
+pass, keep the masked path.
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ def _config(model: nn.Module) -> Any:
 @contextmanager
 def segment_attention(model: nn.Module, lengths: Sequence[int], device: torch.device) -> Iterator[None]:
     """Run the passes of ``model`` inside over a packed row of prompts of these ``lengths`` with
-    per-prompt attention; a model whose attention is not ``sdpa`` is left as it is."""
+    per-prompt attention. A model whose attention is not ``sdpa``, or whose sliding window is shorter
+    than the longest prompt (the blocks attend causally, without a window), is left as it is."""
     config = _config(model)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    previous = getattr(config, "_attn_implementation", None)
+    window = getattr(config, "sliding_window", None)
+    if previous not in ("sdpa", NAME) or (window is not None and window < max(lengths)):
         yield
         return
     token = _LAYOUT.set(_Layout(lengths, device))
@@ -100,5 +104,5 @@ def segment_attention(model: nn.Module, lengths: Sequence[int], device: torch.de
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = previous
         _LAYOUT.reset(token)

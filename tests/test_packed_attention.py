@@ -67,6 +67,25 @@ def test_segment_attention_leaves_other_attention_alone_and_restores_after_an_er
     with pytest.raises(ValueError, match="boom"), segment_attention(model, LENGTHS, ids.device):
         raise ValueError("boom")
     assert model.config._attn_implementation == "sdpa"
+    model.config.sliding_window = max(LENGTHS) - 1  # a window the causal blocks would not honour
+    with segment_attention(model, LENGTHS, ids.device):
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_segment_attention_nests():
+    """A pass inside another packed pass's context (the prefix cache's warm-up) gets its own layout."""
+    model = _model("llama")
+    prompts = _prompts(model)
+    ids, positions = _packed(prompts)
+    alone = torch.cat([model(input_ids=p[None]).logits[0] for p in prompts[:2]])
+    inner_ids, inner_positions = _packed(prompts[:2])
+    with segment_attention(model, LENGTHS, ids.device):
+        with segment_attention(model, LENGTHS[:2], ids.device):
+            inner = model(input_ids=inner_ids, position_ids=inner_positions, attention_mask=None).logits[0]
+        assert model.config._attn_implementation == NAME
+        model(input_ids=ids, position_ids=positions, attention_mask=None)  # the outer layout again
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(inner, alone, rtol=0, atol=1e-12)
 
 
 def test_segment_attention_refuses_a_pass_of_another_layout():
