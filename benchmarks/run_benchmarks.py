@@ -245,6 +245,15 @@ def training_turns(cell: dict) -> int:
                                                          edits=cell["edits"]))
 
 
+def counted_for(counted: Path, model: str) -> bool:
+    """Whether a shared job's counted-floor file exists, is for ``model`` and holds the throughput
+    measured around that job (older files do not: the job is rerun)."""
+    if not counted.exists():
+        return False
+    block = json.loads(counted.read_text())
+    return block.get("model") == model and "matmul_gflops" in block
+
+
 def shared_training_file(workdir: str, edits: int, turns: int) -> Path:
     """The shared training-activation file of ``turns`` turns of ``edits`` (as the workflow's
     ``share_training`` job writes it for the cells of one order)."""
@@ -410,8 +419,7 @@ def main() -> int:
         pre = Path(args.workdir) / f"pre_{shape[0]}x{shape[1]}.json"
         prefix = pre.with_suffix(".prefix.safetensors")
         counted = pre.with_suffix(".floor.json")  # the shared job's counted floor (FLOPs, no seconds)
-        fresh = (counted.exists() and json.loads(counted.read_text()).get("model") == args.model
-                 and "matmul_gflops" in json.loads(counted.read_text())
+        fresh = (counted_for(counted, args.model)
                  and json.loads(pre.read_text())["config"].get("eval_metrics", {}).get("views") == METRICS.split(","))
         if not (pre.exists() and prefix.exists() and fresh):
             opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, turns=shape[0],
@@ -434,8 +442,7 @@ def main() -> int:
             continue
         out = shared_training_file(args.workdir, edits, turns)
         counted = out.with_suffix(".floor.json")
-        if not (out.exists() and counted.exists() and json.loads(counted.read_text()).get("model") == args.model
-                and "matmul_gflops" in json.loads(counted.read_text())):
+        if not (out.exists() and counted_for(counted, args.model)):
             opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, edits=edits, train_turns=turns,
                                threads=args.threads, data_dir=args.data_dir)
             with throughput_around(args) as rates, counted_setup() as found:

@@ -81,19 +81,12 @@ AttentionInterface.register(NAME, _attention)
 AttentionMaskInterface.register(NAME, _no_mask)
 
 
-def _config(model: nn.Module) -> Any:
-    """The HF config of ``model``, through wrappers (the prefix cache) that hold the model as ``.model``."""
-    while getattr(model, "config", None) is None and isinstance(getattr(model, "model", None), nn.Module):
-        model = model.model
-    return getattr(model, "config", None)
-
-
 @contextmanager
 def segment_attention(model: nn.Module, lengths: Sequence[int], device: torch.device) -> Iterator[None]:
     """Run the passes of ``model`` inside over a packed row of prompts of these ``lengths`` with
     per-prompt attention. A model whose attention is not ``sdpa``, or whose sliding window is shorter
     than the longest prompt (the blocks attend causally, without a window), is left as it is."""
-    config = _config(model)
+    config = getattr(model, "config", None)  # the prefix cache shows its model's config as its own
     previous = getattr(config, "_attn_implementation", None)
     window = getattr(config, "sliding_window", None)
     if previous not in ("sdpa", NAME) or (window is not None and window < max(lengths)):
