@@ -419,9 +419,9 @@ def main() -> int:
         pre = Path(args.workdir) / f"pre_{shape[0]}x{shape[1]}.json"
         prefix = pre.with_suffix(".prefix.safetensors")
         counted = pre.with_suffix(".floor.json")  # the shared job's counted floor (FLOPs, no seconds)
-        fresh = (counted_for(counted, args.model)
+        fresh = (pre.exists() and prefix.exists() and counted_for(counted, args.model)
                  and json.loads(pre.read_text())["config"].get("eval_metrics", {}).get("views") == METRICS.split(","))
-        if not (pre.exists() and prefix.exists() and fresh):
+        if not fresh:
             opts = CellOptions(model=args.model, dataset=args.dataset, seed=args.seed, turns=shape[0],
                                edits=shape[1], threads=args.threads, prefix_out=str(prefix), data_dir=args.data_dir,
                                metrics=METRICS)
