@@ -20,16 +20,14 @@ class MEND(Editor):
 
     shift = "outer"
 
-    def _chunks(self, rows: int) -> list[slice]:
-        return [slice(start, start + self.hp.chunk_size) for start in range(0, rows, self.hp.chunk_size)]
-
     def predict(self, step: int, cache: StepCache) -> Shifts:
         shifts = {}
         with torch.no_grad():
             for group in self.groups:
                 net = self.nets[step][group]
                 names, keys, grads, idx = self._group_rows(group, cache)
-                pseudo = [net(keys[sl], grads[sl], idx[sl]) for sl in self._chunks(keys.shape[0])]
+                pseudo = self._network_outputs(step, group, cache, keys.shape[0],
+                                               lambda sl: net(keys[sl], grads[sl], idx[sl]))
                 sizes = [cache.keys[n].shape[0] for n in names]
                 pks = torch.cat([pk for pk, _ in pseudo]).split(sizes)
                 pgs = torch.cat([pg for _, pg in pseudo]).split(sizes)
@@ -41,8 +39,8 @@ class MEND(Editor):
         for group in self.groups:
             net = self.nets[step][group]
             names, keys, grads, idx = self._group_rows(group, cache)
-            for sl in self._chunks(keys.shape[0]):
-                pk, pg = net(keys[sl], grads[sl], idx[sl])
+            for sl, (pk, pg) in self._metagrad_chunks(step, group, cache, keys.shape[0],
+                                                      lambda sl: net(keys[sl], grads[sl], idx[sl])):
                 rows = idx[sl]
                 projected = torch.empty_like(pk)  # Γ_m g̃_i of each row's module m
                 for name in names:

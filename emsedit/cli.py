@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match-iterations", type=int, metavar="S",
                    help="control cell: run S = 1 with as many Adam iterations per training turn as this "
                         "editor receives at S (sets adam_iterations_per_step)")
+    p.add_argument("--keep-graph-mb", type=float, default=1024.0, metavar="MB",
+                   help="keep up to this many MiB of hypernetwork activations from a training step's prediction "
+                        "for its meta-gradient instead of running the forward again (default: 1024; 0 = recompute, "
+                        "as the official code: lower peak memory, same numbers)")
     p.add_argument("--curve", action="store_true", help="also evaluate after every turn (slow)")
     p.add_argument("--checkpoint-dir", help="save resumable state here; a rerun resumes from it")
     p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default: 60; 0 = every turn)")
@@ -180,6 +184,7 @@ def _cell_options(args: argparse.Namespace) -> Any:
         prefix_out=getattr(args, "prefix_out", None), prefix_in=getattr(args, "prefix_in", None),
         train_prefix_in=getattr(args, "train_prefix_in", None),
         prefix_max_mb=getattr(args, "prefix_max_mb", 512.0),
+        keep_graph_mb=getattr(args, "keep_graph_mb", 1024.0),
         curve=getattr(args, "curve", False), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every_s=getattr(args, "checkpoint_every", 60.0), data_dir=args.data_dir,
         tags=_key_values(args.tag, "--tag"), metric_quirks=quirks, prefix_cache=args.prefix_cache,

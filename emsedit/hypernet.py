@@ -116,6 +116,14 @@ class HyperNet(nn.Module):
             h = block(h, idx)
         return h.split([self.key_dim, self.value_dim], dim=-1)
 
+    def saved_bytes_per_row(self) -> int:
+        """About what autograd saves per input row for a backward through the network: per block its
+        input, the low-rank activation, the pre-activation, the gathered scale and the clamped output
+        (``4 · dim + rank`` values), plus the row's key, pseudo-key and pseudo-gradient."""
+        dim = self.key_dim + self.value_dim
+        size = self.blocks[0].A.element_size() if len(self.blocks) else 4
+        return size * (len(self.blocks) * (4 * dim + self.rank) + 3 * dim)
+
     def module_lr(self, module_idx: int) -> torch.Tensor:
         """The learned edit learning rate of one module (a 0-d tensor with grad)."""
         return self.lr.weight[module_idx, 0]

@@ -77,6 +77,8 @@ class CellOptions:
     load_editor: str | None = None  # run: load a trained editor from here instead of meta-training
     metrics: str = ",".join(METRIC_VIEWS)  # metric views (emsedit/evaluation.py): teacher_forced[,generated]
     generation_margin: int = DEFAULT_MARGIN  # generated view: new tokens beyond the gold answer's count
+    keep_graph_mb: float = 1024.0  # run: hypernetwork activations a training prediction keeps for its
+    # meta-gradient (Editor.keep_graph_bytes); 0 = run the forward again, as the official code (same numbers)
 
     @property
     def torch_device(self) -> torch.device:
@@ -102,6 +104,8 @@ class CellOptions:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not (math.isfinite(self.prefix_max_mb) and self.prefix_max_mb >= 0):
             raise ConfigError(f"--prefix-max-mb must be a finite number >= 0, got {self.prefix_max_mb}")
+        if not (math.isfinite(self.keep_graph_mb) and self.keep_graph_mb >= 0):
+            raise ConfigError(f"--keep-graph-mb must be a finite number >= 0, got {self.keep_graph_mb}")
         if self.save_editor and self.load_editor:
             raise ConfigError("--save-editor and --load-editor exclude each other (a loaded editor is not trained)")
         if self.load_editor:
@@ -360,6 +364,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
         shared = _preload_prefix(opts, model, model_cfg)
         train_shared = _preload_train_prefix(opts, model, model_cfg, plan, hp) if train_turns else {}
     editor = cls(model, modules, hp, protocol=opts.protocol, seed=opts.seed, timer=timer)
+    editor.keep_graph_bytes = int(opts.keep_graph_mb * 2**20)
     if archive:
         with timer.phase("load_editor"):
             editor_archive.load_into(editor, opts.load_editor, archive)
@@ -377,6 +382,7 @@ def run_cell(hp: EditorHParams, opts: CellOptions, *,
         "editor": {**dataclasses.asdict(hp), "schedule": editor.schedule, "hypernetworks": editor.hypernetworks},
         "steps": hp.steps, "loss": hp.loss, "hypernetworks": editor.hypernetworks,
         "train_turns": train_turns,
+        "keep_graph_mb": opts.keep_graph_mb,
         **shared,
         **train_shared,
         **(editor_archive.record_fields(opts.load_editor, archive) if archive else {}),

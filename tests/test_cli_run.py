@@ -129,6 +129,17 @@ def test_thread_count_changes_a_record_by_float_rounding_at_most(env, reference,
     assert strip(two) == ref
 
 
+def test_recomputed_network_forward_gives_the_same_record(env, reference, tmp_path):
+    """--keep-graph-mb 0 (the official recompute of the hypernetwork forward in the meta-gradient)
+    gives the default run's record; only the setting itself, in the configuration, differs."""
+    out = tmp_path / "recompute.json"
+    assert cli.main(run_args(env, out, "--keep-graph-mb", "0")) == 0
+    again = json.loads(out.read_text())
+    assert (reference["config"]["keep_graph_mb"], again["config"]["keep_graph_mb"]) == (1024.0, 0.0)
+    again["config"]["keep_graph_mb"] = 1024.0
+    assert strip(again) == strip(reference)
+
+
 def test_different_seed_changes_the_order(env, reference, tmp_path):
     out = tmp_path / "seed4.json"
     args = run_args(env, out)
@@ -466,6 +477,8 @@ def _expect_user_error(args, out, capsys, needle):
     (["--match-iterations", "2", "--steps", "1", "--set", "adam_iterations_per_step=3"], "adam_iterations_per_step"),
     (["--protocol", "batch"], "turns=2"),  # batch editing has one turn
     (["--edits", "0"], "edits"),
+    (["--keep-graph-mb", "-1"], "--keep-graph-mb"),
+    (["--keep-graph-mb", "nan"], "--keep-graph-mb"),
 ])
 def test_config_errors_exit_2_with_one_line(env, tmp_path, capsys, extra, needle):
     out = tmp_path / "out.json"

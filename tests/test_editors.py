@@ -383,6 +383,68 @@ def test_batch_schedule_one_adam_step_per_turn_and_step(toks):
     assert ed.stats["optimizer_steps"] == 2 * 2 * 2 and ed.stats["train_turns"] == 4
 
 
+# A shared network in the sequential rollout: step 2's caching updates the normaliser that step 1's
+# prediction ran with, so step 1's forward must be recomputed; every other case reuses its forwards.
+KEPT_CASES = [("malmen", 2, "batch", {}), ("emsedit", 2, "batch", {}), ("mend", 1, "batch", {}),
+              ("emsedit", 2, "sequential", {}), ("rledit", 2, "sequential", {}),
+              ("emsedit", 2, "sequential", {"hypernetworks": "shared"})]
+
+
+@pytest.mark.parametrize("name,steps,protocol,overrides", KEPT_CASES)
+def test_kept_network_graphs_give_the_recomputed_metagradient(toks, name, steps, protocol, overrides):
+    """A meta-gradient taken through the training prediction's kept forward is bit for bit the one
+    that runs the hypernetwork forward again (the official code's way, ``keep_graph_bytes = 0``):
+    the same trained networks and Adam state after three training turns in chunks of 2 rows."""
+    train = turns(toks, "llama", [3, 3, 2], "train")
+
+    def trained(keep_bytes):
+        ed = make_editor(toks, name, protocol, steps=steps, lr=EDIT_LR[name], chunk_size=2, max_steps=3,
+                         **overrides)
+        ed.keep_graph_bytes = keep_bytes
+        ed.meta_train(train)
+        return ed
+
+    kept, recomputed = trained(1 << 30), trained(0)
+    untrained = make_editor(toks, name, protocol, steps=steps, lr=EDIT_LR[name], chunk_size=2, **overrides)
+    assert recomputed._kept_use["kept"] == 0 and recomputed._kept_use["recomputed"] > 0
+    assert kept._kept_use["kept"] > 0 and not kept._kept  # reused, and nothing held after training
+    stale = overrides.get("hypernetworks") == "shared" and protocol == "sequential"
+    assert (kept._kept_use["recomputed"] > 0) == stale
+    assert any(not torch.equal(a, b) for a, b in zip(recomputed.params, untrained.params))  # it trained
+    for a, b in zip(kept.params, recomputed.params):
+        assert torch.equal(a, b)
+    for a, b in zip(kept.opt.state_dict()["state"].values(), recomputed.opt.state_dict()["state"].values()):
+        assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+def test_kept_graphs_respect_their_memory_bound(toks):
+    """Predictions keep their forwards only while they fit in ``keep_graph_bytes`` together: with
+    room for step 1's rows only, step 2 of a rollout runs its forward again in the meta-gradient."""
+    train = turns(toks, "llama", [3], "train")
+    rows = []
+
+    def editor(keep_bytes):
+        ed = make_editor(toks, "emsedit", "sequential", steps=2, lr=EDIT_LR["emsedit"], chunk_size=2)
+        ed.keep_graph_bytes = keep_bytes
+        real = ed._network_outputs
+
+        def spy(step, group, cache, n_rows, forward):
+            rows.append(n_rows)
+            return real(step, group, cache, n_rows, forward)
+
+        ed._network_outputs = spy
+        return ed
+
+    ed = editor(0)
+    ed.meta_train(train)
+    assert ed._kept_use["kept"] == 0 and len(rows) == 2 and min(rows) >= 3  # a row per request at least
+    step1, step2 = rows
+    ed = editor(step1 * ed.nets[0]["64x32"].saved_bytes_per_row())
+    ed.meta_train(train)
+    assert rows[2:] == [step1, step2]
+    assert ed._kept_use == {"kept": -(-step1 // 2), "recomputed": -(-step2 // 2)}
+
+
 def _training_caches(toks, monkeypatch, revert: bool):
     ed = make_editor(toks, "emsedit", "batch", steps=2, lr=EDIT_LR["emsedit"], batch_train_revert=revert)
     seen = []

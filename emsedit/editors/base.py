@@ -5,6 +5,7 @@ of the edited modules. The base class owns:
 
 * ``cache``    — forward/backward on the edit prompts at the current weights (spec §6.2);
 * ``predict``  — rows → hypernetwork → per-token value changes → ridge shift (spec §6.5);
+  a training step's prediction keeps its networks' graphs for that step's meta-gradient;
 * ``apply``    — in-place add (or revert) of the shifts, with a finiteness guard;
 * ``edit_turn`` — the MSBP inner loop: S times cache → predict → apply, never reverted (spec §5.2);
 * the meta-update through the analytic ridge gradient (spec §6.6) and the optimiser step; the
@@ -18,7 +19,8 @@ UltraEdit) replace the shift rule.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,12 @@ from emsedit.models import (
 from emsedit.shifts import ridge_metagrad, ridge_shift
 from emsedit.timing import PhaseTimer
 from emsedit.tracing import Tracer
+
+
+def _versions(net: nn.Module) -> tuple[int, ...]:
+    """Version counters of a network's parameters and buffers: any in-place change (an Adam step, a
+    normaliser update, a loaded state) moves one."""
+    return tuple(t._version for t in (*net.parameters(), *net.buffers()))
 
 
 class NonFiniteError(RuntimeError):
@@ -108,6 +116,9 @@ class Editor(TrainingSchedules):
                       "losses": []}
         self.edit_stats = {"skipped_nonfinite": 0}
         self._nonfinite_in_row = 0
+        self._keep_graphs = False  # set while a training step predicts (keeping_graphs)
+        self._kept: dict[tuple[int, str], tuple[StepCache, tuple[int, ...], list[Any], int]] = {}
+        self._kept_use = {"kept": 0, "recomputed": 0}  # meta-gradient chunks by source (tests read it)
 
     # ------------------------------------------------------------------ choices a subclass may make
     @classmethod
@@ -249,14 +260,75 @@ class Editor(TrainingSchedules):
         each row's module, which selects that module's scale, shift and learning rate.
         """
         net: HyperNet = self.nets[step][group]
-        out = []
-        for start in range(0, keys.shape[0], self.hp.chunk_size):
-            sl = slice(start, start + self.hp.chunk_size)
-            k, g = keys[sl], grads[sl]
-            pk, pg = net(k, g, idx[sl])
-            lr = net.lr.weight[idx[sl]]  # rows × 1
-            out.append(-lr * (k * pk).sum(-1, keepdim=True) * pg)
+        out = [self._values_chunk(net, keys[sl], grads[sl], idx[sl]) for sl in self._chunks(keys.shape[0])]
         return torch.cat(out) if out else keys.new_zeros(0, grads.shape[1])
+
+    @staticmethod
+    def _values_chunk(net: HyperNet, k: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        pk, pg = net(k, g, idx)
+        lr = net.lr.weight[idx]  # rows × 1
+        return -lr * (k * pk).sum(-1, keepdim=True) * pg
+
+    def _chunks(self, rows: int) -> list[slice]:
+        """The row chunks of ``chunk_size`` that go through a hypernetwork at once (as the official code)."""
+        return [slice(start, start + self.hp.chunk_size) for start in range(0, rows, self.hp.chunk_size)]
+
+    # ------------------------------------------------------------------ network outputs kept for the meta-gradient
+    # Autograd state a training prediction may keep for its meta-gradient, all steps together. Within
+    # it the meta-gradient reuses the prediction's forward instead of running it again (a quarter of
+    # the networks' training FLOPs); beyond it, it recomputes the forward, as the official code does.
+    # The same chunks through the same kernels either way: the gradients are bit for bit the same.
+    keep_graph_bytes: int = 1 << 30
+
+    @contextmanager
+    def keeping_graphs(self) -> Iterator[None]:
+        """Within: predictions keep their networks' autograd graphs (a training step's prediction)."""
+        self._keep_graphs = True
+        try:
+            yield
+        finally:
+            self._keep_graphs = False
+
+    def _network_outputs(self, step: int, group: str, cache: StepCache, rows: int,
+                         forward: Callable[[slice], Any]) -> list[Any]:
+        """``forward(chunk)`` over the group's rows, chunk by chunk, detached (no grad reaches the caller).
+
+        Under :meth:`keeping_graphs` the chunks run with grad and their outputs are kept, graph and
+        all, for :meth:`_kept_outputs` of the same step, group and cache, when their saved activations
+        fit in ``keep_graph_bytes`` with what is already kept.
+        """
+        net: HyperNet = self.nets[step][group]
+        size = rows * net.saved_bytes_per_row()
+        held = sum(entry[3] for key, entry in self._kept.items() if key != (step, group))
+        keep = self._keep_graphs and held + size <= self.keep_graph_bytes
+        self._kept.pop((step, group), None)
+        with torch.set_grad_enabled(keep):
+            outs = [forward(sl) for sl in self._chunks(rows)]
+        if not keep:
+            return outs
+        self._kept[(step, group)] = (cache, _versions(net), outs, size)
+        return [tuple(t.detach() for t in o) if isinstance(o, tuple) else o.detach() for o in outs]
+
+    def _kept_outputs(self, step: int, group: str, cache: StepCache) -> list[Any] | None:
+        """The outputs kept by the prediction of ``step`` on ``cache``, if the network has not changed
+        since (its parameters and normaliser statistics, by their version counters); else None."""
+        entry = self._kept.pop((step, group), None)
+        if entry is None or entry[0] is not cache or entry[1] != _versions(self.nets[step][group]):
+            return None
+        return entry[2]
+
+    def _metagrad_chunks(self, step: int, group: str, cache: StepCache, rows: int,
+                         forward: Callable[[slice], Any]) -> Iterator[tuple[slice, Any]]:
+        """(chunk, network output with grad) for the meta-gradient: the prediction's kept output, or
+        ``forward(chunk)`` run again."""
+        kept = self._kept_outputs(step, group, cache)
+        for i, sl in enumerate(self._chunks(rows)):
+            self._kept_use["kept" if kept is not None else "recomputed"] += 1
+            yield sl, (kept[i] if kept is not None else forward(sl))
+
+    def drop_kept_graphs(self) -> None:
+        """Free the autograd state of predictions whose meta-gradient was not taken (a skipped step)."""
+        self._kept.clear()
 
     def predict(self, step: int, cache: StepCache) -> Shifts:
         """Weight shifts (d_in × d_out) of every edited module for one step, without grad."""
@@ -265,7 +337,9 @@ class Editor(TrainingSchedules):
             for group in self.groups:
                 net: HyperNet = self.nets[step][group]
                 names, keys, grads, idx = self._group_rows(group, cache)
-                values = self.values(step, group, keys, grads, idx).split(
+                chunks = self._network_outputs(step, group, cache, keys.shape[0], lambda sl: self._values_chunk(
+                    net, keys[sl], grads[sl], idx[sl]))
+                values = (torch.cat(chunks) if chunks else keys.new_zeros(0, grads.shape[1])).split(
                     [cache.keys[n].shape[0] for n in names])
                 for name, v in zip(names, values):
                     lam = net.module_lamda(self.index_of[name])
@@ -285,9 +359,9 @@ class Editor(TrainingSchedules):
                 dvs.append(dv)
                 lam_term = dlam * lam if lam_term is None else lam_term + dlam * lam
             dv_all = torch.cat(dvs)
-            for start in range(0, keys.shape[0], self.hp.chunk_size):
-                sl = slice(start, start + self.hp.chunk_size)
-                (dv_all[sl] * self.values(step, group, keys[sl], grads[sl], idx[sl])).sum().backward()
+            for sl, v in self._metagrad_chunks(step, group, cache, keys.shape[0], lambda sl: self._values_chunk(
+                    net, keys[sl], grads[sl], idx[sl])):
+                (dv_all[sl] * v).sum().backward()
             lam_term.backward()
 
     # ------------------------------------------------------------------ applying shifts

@@ -41,7 +41,7 @@ class TrainingSchedules:
         """Cache and predict one training step; None (counted) when the shift is not finite."""
         with self.timer.phase("train_cache"):
             cache = self.cache(turn, step)
-        with self.timer.phase("train_predict_shift"):
+        with self.timer.phase("train_predict_shift"), self.keeping_graphs():  # reused by the meta-gradient
             shifts = self.predict(step, cache)
         if not self._all_finite(shifts.values()):
             self._nonfinite(f"training shift, step {step + 1}", self.stats)
@@ -131,6 +131,7 @@ class TrainingSchedules:
             if t == 0 and epoch > 0:
                 self.restore_weights()  # each epoch's rollout starts from the original weights
             schedule(turns, t, last=(t == len(turns) - 1))
+            self.drop_kept_graphs()
             self.stats["train_turns"] += 1
             bar.update()
             if on_turn_done is not None:

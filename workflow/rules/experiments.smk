@@ -69,6 +69,7 @@ rule run_cell:
         options=run_options,
         checkpoints=checkpoint_dir,
         train_prefix=train_prefix_option,
+        keep_graph_mb=config["keep_graph_mb"],
     log:
         f"logs/runs/{grid.CELL_STEM}.log",
     benchmark:
@@ -82,5 +83,5 @@ rule run_cell:
         " --edits {wildcards.edits} --steps {wildcards.steps} --loss {wildcards.loss}"
         " --seed {wildcards.seed} --order {input.order} --pre {input.pre} --prefix-in {input.prefix}"
         " {params.train_prefix}"
-        " --threads {threads}"
+        " --threads {threads} --keep-graph-mb {params.keep_graph_mb}"
         " --checkpoint-dir {params.checkpoints} {params.options} --out {output} > {log} 2>&1"
