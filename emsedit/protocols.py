@@ -284,11 +284,12 @@ def resolve_train_turns(editor_schedule: str, hp: EditorHParams, opts: CellOptio
 def _checkpoint_folder(opts: CellOptions, config: dict[str, Any]) -> Path | None:
     if not opts.checkpoint_dir:
         return None
-    # replayed activations change no result, threads at most the last bits (torch's CPU attention
-    # splits its work by thread count on some CPUs), and the metrics are computed after the last edit,
-    # so a resume may differ in them
+    # replayed activations and kept network graphs change no result, threads at most the last bits
+    # (torch's CPU attention splits its work by thread count on some CPUs), and the metrics are
+    # computed after the last edit, so a resume may differ in them
     key = json.dumps({k: v for k, v in config.items()
-                      if k not in ("threads", "prefix_activations", "train_activations", "eval_metrics")},
+                      if k not in ("threads", "prefix_activations", "train_activations", "eval_metrics",
+                                   "keep_graph_mb")},
                      sort_keys=True, default=str)
     return Path(opts.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 

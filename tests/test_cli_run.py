@@ -140,6 +140,18 @@ def test_recomputed_network_forward_gives_the_same_record(env, reference, tmp_pa
     assert strip(again) == strip(reference)
 
 
+def test_resume_key_leaves_out_the_kept_graph_bound(env, tmp_path):
+    """A cell interrupted under one --keep-graph-mb resumes under another: the checkpoint folder's
+    key leaves the bound out (kept graphs never outlive a training turn, so no checkpoint holds one)."""
+    folders = []
+    for value in ("0", "1024"):
+        ckpt = tmp_path / f"ckpt{value}"
+        assert cli.main(run_args(env, tmp_path / f"out{value}.json", "--checkpoint-dir", str(ckpt),
+                                 "--checkpoint-every", "0", "--keep-checkpoint", "--keep-graph-mb", value)) == 0
+        folders += [p.name for p in ckpt.iterdir()]
+    assert len(folders) == 2 and folders[0] == folders[1]
+
+
 def test_different_seed_changes_the_order(env, reference, tmp_path):
     out = tmp_path / "seed4.json"
     args = run_args(env, out)
