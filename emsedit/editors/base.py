@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -56,6 +56,15 @@ def _versions(net: nn.Module) -> tuple[int, ...]:
     """Version counters of a network's parameters and buffers: any in-place change (an Adam step, a
     normaliser update, a loaded state) moves one."""
     return tuple(t._version for t in (*net.parameters(), *net.buffers()))
+
+
+class _Kept(NamedTuple):
+    """A training prediction's network outputs, kept with their graph for the meta-gradient."""
+
+    cache: "StepCache"  # the rows they were computed on
+    versions: tuple[int, ...]  # the network's version counters then (see _versions)
+    outputs: list[Any]  # one per chunk, with grad
+    size: int  # estimated bytes of saved activations
 
 
 class NonFiniteError(RuntimeError):
@@ -117,7 +126,7 @@ class Editor(TrainingSchedules):
         self.edit_stats = {"skipped_nonfinite": 0}
         self._nonfinite_in_row = 0
         self._keep_graphs = False  # set while a training step predicts (keeping_graphs)
-        self._kept: dict[tuple[int, str], tuple[StepCache, tuple[int, ...], list[Any], int]] = {}
+        self._kept: dict[tuple[int, str], _Kept] = {}  # (step, group) -> kept prediction outputs
         self._kept_use = {"kept": 0, "recomputed": 0}  # meta-gradient chunks by source (tests read it)
 
     # ------------------------------------------------------------------ choices a subclass may make
@@ -299,23 +308,23 @@ class Editor(TrainingSchedules):
         """
         net: HyperNet = self.nets[step][group]
         size = rows * net.saved_bytes_per_row()
-        held = sum(entry[3] for key, entry in self._kept.items() if key != (step, group))
+        held = sum(entry.size for key, entry in self._kept.items() if key != (step, group))
         keep = self._keep_graphs and held + size <= self.keep_graph_bytes
         self._kept.pop((step, group), None)
         with torch.set_grad_enabled(keep):
             outs = [forward(sl) for sl in self._chunks(rows)]
         if not keep:
             return outs
-        self._kept[(step, group)] = (cache, _versions(net), outs, size)
+        self._kept[(step, group)] = _Kept(cache, _versions(net), outs, size)
         return [tuple(t.detach() for t in o) if isinstance(o, tuple) else o.detach() for o in outs]
 
     def _kept_outputs(self, step: int, group: str, cache: StepCache) -> list[Any] | None:
         """The outputs kept by the prediction of ``step`` on ``cache``, if the network has not changed
         since (its parameters and normaliser statistics, by their version counters); else None."""
         entry = self._kept.pop((step, group), None)
-        if entry is None or entry[0] is not cache or entry[1] != _versions(self.nets[step][group]):
+        if entry is None or entry.cache is not cache or entry.versions != _versions(self.nets[step][group]):
             return None
-        return entry[2]
+        return entry.outputs
 
     def _metagrad_chunks(self, step: int, group: str, cache: StepCache, rows: int,
                          forward: Callable[[slice], Any]) -> Iterator[tuple[slice, Any]]:
