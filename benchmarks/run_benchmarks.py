@@ -45,7 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # The cells of the editors issue: zsRE, smollm2-135m, 2 threads. Authors' time on this machine,
-# same model and data (train + edit + evaluate), from the issue text.
+# same model and data (train + edit + evaluate), from the issue text; the official code re-run on
+# this machine kind, interleaved with these cells, took 140.2-140.5, 334.7-339.9 and 137.7-146.0 s
+# (docs/parity.md, "Wall time against make bench").
 CELLS = [
     {"id": "emsedit_seq_10x20_S2", "editor": "emsedit", "protocol": "sequential", "turns": 10, "edits": 20,
      "steps": 2, "authors_s": (130, 160)},
